@@ -1,0 +1,333 @@
+"""The fused linear distillation loss: one ``jax.custom_vjp`` driving a ``lax.scan`` over chunks.
+
+The forward pass walks the N tokens in chunks of ``chunk_size`` rows. For each chunk it
+computes the student and teacher logits (float32 accumulation), hands them to a chunk
+implementation (the jnp row math of :mod:`jaxdistill.rowmath` or the Pallas kernel of
+:mod:`pallas_kernels`) that returns per-row losses and the student-logit gradient, and
+immediately contracts that gradient into grad_x (per chunk) and grad_W / grad_b (float32
+accumulators). No more than one chunk of logits is ever alive. The loss is linear in its
+cotangent, so the backward pass only scales the saved gradients.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jaxdistill import rowmath
+from jaxdistill._validate import concrete_float, validate_and_flatten
+from pallas_kernels import RowKernelConfig, default_row_kernel_config, distill_rows_pallas
+
+IMPLEMENTATIONS = ("xla", "pallas")
+# Budget for the two float32 (chunk, V) logits buffers of one chunk; the dlogits and the
+# kernel's temporaries add at most about the same again.
+DEFAULT_LOGITS_BUDGET_BYTES = 1 << 30
+MIN_CHUNK_ROWS, MAX_CHUNK_ROWS = 16, 4096
+
+
+def default_chunk_size(vocab_size: int, logits_budget_bytes: int = DEFAULT_LOGITS_BUDGET_BYTES) -> int:
+    """Rows per chunk: the largest power of two whose two float32 logits buffers fit the budget.
+
+    chunk = 2^⌊log2(budget / (8·V))⌋, clamped to [16, 4096]. With the 1 GiB default that is
+    1024 rows at V = 128256, 512 at V = 262144 and 4096 at V = 32000: large enough for the
+    chunk's matmuls to run near peak, small enough that the chunk's logits (and not N) bound
+    the temporary memory.
+    """
+    rows = max(1, logits_budget_bytes // (8 * vocab_size))
+    return int(min(MAX_CHUNK_ROWS, max(MIN_CHUNK_ROWS, 2 ** math.floor(math.log2(rows)))))
+
+
+def resolve_implementation(implementation: str | None) -> str:
+    """``None`` → ``"pallas"`` on a GPU backend, ``"xla"`` elsewhere; validates the name."""
+    if implementation is None:
+        return "pallas" if jax.default_backend() == "gpu" else "xla"
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"`implementation` must be None or one of {IMPLEMENTATIONS}, got {implementation!r}")
+    return implementation
+
+
+@dataclasses.dataclass(frozen=True)
+class FusedPlan:
+    """Static plan of one fused call (hashable; part of the jit cache key).
+
+    Attributes:
+      chunk_size: rows per chunk (≥ 1); the last chunk is padded and masked.
+      implementation: ``"xla"`` or ``"pallas"``.
+      kernel_config: block sizes / warps / stages of the Pallas kernel (None for ``"xla"``).
+      interpret: run the Pallas kernel in interpret mode (non-GPU backends).
+    """
+
+    chunk_size: int
+    implementation: str
+    kernel_config: RowKernelConfig | None = None
+    interpret: bool = False
+
+    def __post_init__(self):
+        if not isinstance(self.chunk_size, int) or self.chunk_size <= 0:
+            raise ValueError(f"`chunk_size` must be a positive int, got {self.chunk_size!r}")
+        if self.implementation not in IMPLEMENTATIONS:
+            raise ValueError(f"`implementation` must be one of {IMPLEMENTATIONS}, got {self.implementation!r}")
+
+    def distill_rows(self, student_logits, teacher_logits, labels, hyper, *, dlogits_dtype):
+        """The chunk implementation: per-row (soft, hard) losses and dlogits (rowmath contract)."""
+        if self.implementation == "xla":
+            return rowmath.distill_rows(student_logits, teacher_logits, labels, hyper, dlogits_dtype=dlogits_dtype)
+        return distill_rows_pallas(
+            student_logits,
+            teacher_logits,
+            labels,
+            hyper,
+            dlogits_dtype=dlogits_dtype,
+            config=self.kernel_config,
+            interpret=self.interpret,
+        )
+
+
+def _logits(hidden, weight, bias):
+    """(C, H) @ (H, V) (+ (V,)) → (C, V) float32."""
+    z = jnp.matmul(hidden, weight, preferred_element_type=jnp.float32)
+    return z if bias is None else z + bias.astype(jnp.float32)
+
+
+def _chunked(x, chunk_size, fill):
+    """(N, ...) → (⌈N/C⌉, C, ...), padding the last chunk with ``fill``."""
+    n_rows = x.shape[0]
+    n_chunks = -(-n_rows // chunk_size)
+    pad = n_chunks * chunk_size - n_rows
+    if pad:
+        x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1), constant_values=fill)
+    return x.reshape((n_chunks, chunk_size) + x.shape[1:])
+
+
+def _scan_losses_and_grads(plan, x_s, w_s, b_s, x_t, w_t, b_t, labels, hyper):
+    """Σ losses over valid rows and the gradients of Σ_rows ℓ, chunk by chunk.
+
+    Args:
+      plan: FusedPlan. x_s: (N, Hs). w_s: (Hs, V). b_s: (V,) or None. x_t: (N, Ht).
+      w_t: (Ht, V). b_t: (V,) or None. labels: (N,) int32 in [0, V), −1 = ignored.
+      hyper: (4,) float32 [β, T, soft_weight, hard_weight].
+
+    Returns:
+      (soft_sum, hard_sum) float32 scalars, grad_x (N, Hs) float32 (one rounding to the
+      activation dtype happens after the cotangent scaling), grad_W (Hs, V) float32,
+      grad_b (V,) float32 or None.
+    """
+    n_rows, hidden_s = x_s.shape
+    chunk = max(1, min(plan.chunk_size, n_rows))
+    xs = (_chunked(x_s, chunk, 0), _chunked(x_t, chunk, 0), _chunked(labels, chunk, -1))
+
+    def body(carry, chunk_inputs):
+        soft_acc, hard_acc, grad_w, grad_b = carry
+        x_s_c, x_t_c, labels_c = chunk_inputs
+        z_s = _logits(x_s_c, w_s, b_s)
+        z_t = _logits(x_t_c, w_t, b_t)
+        soft_rows, hard_rows, dlogits = plan.distill_rows(z_s, z_t, labels_c, hyper, dlogits_dtype=x_s.dtype)
+        grad_x_c = lax.dot_general(dlogits, w_s, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+        grad_w = grad_w + lax.dot_general(
+            x_s_c, dlogits, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32
+        )
+        if grad_b is not None:
+            grad_b = grad_b + jnp.sum(dlogits, axis=0, dtype=jnp.float32)
+        carry = (soft_acc + jnp.sum(soft_rows), hard_acc + jnp.sum(hard_rows), grad_w, grad_b)
+        return carry, grad_x_c
+
+    vocab = w_s.shape[1]
+    zero = jnp.zeros((), jnp.float32)
+    init = (zero, zero, jnp.zeros((hidden_s, vocab), jnp.float32), None if b_s is None else jnp.zeros((vocab,), jnp.float32))
+    (soft_sum, hard_sum, grad_w, grad_b), grad_x = lax.scan(body, init, xs)
+    return soft_sum, hard_sum, grad_x.reshape(-1, hidden_s)[:n_rows], grad_w, grad_b
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _fused_sums(plan, x_s, w_s, b_s, x_t, w_t, b_t, labels, hyper):
+    """(Σ soft_weight·JSD + hard_weight·CE, Σ JSD, Σ CE) over valid rows; see _scan_losses_and_grads."""
+    soft_sum, hard_sum, *_ = _scan_losses_and_grads(plan, x_s, w_s, b_s, x_t, w_t, b_t, labels, hyper)
+    return hyper[2] * soft_sum + hyper[3] * hard_sum, soft_sum, hard_sum
+
+
+def _fused_sums_fwd(plan, x_s, w_s, b_s, x_t, w_t, b_t, labels, hyper):
+    soft_sum, hard_sum, grad_x, grad_w, grad_b = _scan_losses_and_grads(
+        plan, x_s, w_s, b_s, x_t, w_t, b_t, labels, hyper
+    )
+    total = hyper[2] * soft_sum + hyper[3] * hard_sum
+    # The student and teacher inputs are saved (no copies: they are the primal inputs) for
+    # the dtypes of the student cotangents and the zero cotangents of the teacher.
+    residuals = (grad_x, grad_w, grad_b, soft_sum, hard_sum, x_s, w_s, b_s, x_t, w_t, b_t, hyper)
+    return (total, soft_sum, hard_sum), residuals
+
+
+def _fused_sums_bwd(plan, residuals, cotangents):
+    del plan
+    grad_x, grad_w, grad_b, soft_sum, hard_sum, x_s, w_s, b_s, x_t, w_t, b_t, hyper = residuals
+    g = cotangents[0]  # the soft/hard outputs are stop_gradient-ed by the caller
+    nan = jnp.full((), jnp.nan, jnp.float32)
+    # d/d(soft_weight) and d/d(hard_weight) are exact; β and T are not differentiable (NaN).
+    grad_hyper = g * jnp.stack([nan, nan, soft_sum, hard_sum])
+    return (
+        (g * grad_x).astype(x_s.dtype),
+        (g * grad_w).astype(w_s.dtype),
+        None if grad_b is None else (g * grad_b).astype(b_s.dtype),
+        jnp.zeros_like(x_t),
+        jnp.zeros_like(w_t),
+        None if b_t is None else jnp.zeros_like(b_t),
+        None,
+        grad_hyper.astype(hyper.dtype),
+    )
+
+
+_fused_sums.defvjp(_fused_sums_fwd, _fused_sums_bwd)
+
+
+def fused_linear_jsd_loss(
+    student_hidden,
+    student_weight,
+    teacher_hidden,
+    teacher_weight,
+    labels,
+    *,
+    student_bias=None,
+    teacher_bias=None,
+    beta=0.5,
+    temperature=1.0,
+    soft_weight=1.0,
+    hard_weight=0.0,
+    ignore_index=-100,
+    where=None,
+    reduction="mean",
+    chunk_size=None,
+    axis_name=None,
+    implementation=None,
+    kernel_config=None,
+    return_aux=False,
+):
+    """Distillation loss of a student LM head against a teacher LM head, fused and chunked.
+
+    With z_s = x_s W_s + b_s (student), z_t = x_t W_t + b_t (teacher), Q = softmax(z_s/T),
+    P = softmax(z_t/T) and M = βP + (1−β)Q, the per-token loss is
+
+        ℓ = soft_weight · JSD_β + hard_weight · CE,
+        JSD_β = β·KL(P‖M) + (1−β)·KL(Q‖M)   (β = 0: KL(P‖Q), forward; β = 1: KL(Q‖P), reverse),
+        CE = −log softmax(z_s)[y]            (untempered; no T² factor),
+
+    summed over valid tokens (``labels != ignore_index`` and ``where``) and divided by
+    max(1, number of valid tokens) for ``reduction="mean"``. The (N, V) logits are never
+    materialized: the tokens are processed ``chunk_size`` rows at a time and the gradients
+    for ``student_hidden``, ``student_weight`` and ``student_bias`` are computed in the same
+    forward pass (the backward only scales them). The teacher gets zero gradients.
+
+    Args:
+      student_hidden: (..., Hs) floating, the student's final hidden states.
+      student_weight: (Hs, V) floating, the student LM head (Flax ``Dense`` kernel layout).
+      teacher_hidden: (..., Ht) floating, same leading dims; Ht may differ from Hs.
+      teacher_weight: (Ht, V) floating, the teacher LM head.
+      labels: (...) integer next-token ids. A valid label outside [0, V) makes the loss
+        (and its gradients) NaN, so it cannot pass unnoticed; it is never read out of bounds.
+      student_bias, teacher_bias: optional (V,) biases.
+      beta: JSD mixture weight in [0, 1] (float or traced scalar; changing it does not recompile).
+      temperature: T > 0, divides both logits for the soft part.
+      soft_weight, hard_weight: weights of JSD_β and CE (floats or traced scalars).
+      ignore_index: label value excluded from the loss.
+      where: optional boolean (...) mask, AND-ed with ``labels != ignore_index``.
+      reduction: ``"mean"`` or ``"sum"``.
+      chunk_size: rows per chunk; None → :func:`default_chunk_size` (1024 at V = 128256).
+        Any positive int works; N need not be a multiple of it.
+      axis_name: inside ``pmap``/``shard_map``, the mapped axis. "mean" then divides by the
+        valid-token count summed over that axis, and the function returns this device's share
+        Σ_local ℓ / N_global: the ``psum`` of the returned values (and of their gradients) is
+        the global mean (and its gradient).
+      implementation: None (Pallas kernel on GPU, XLA elsewhere), ``"xla"`` or ``"pallas"``
+        (on a non-GPU backend the kernel runs in interpret mode: slow, for tests).
+      kernel_config: optional :class:`pallas_kernels.RowKernelConfig` for ``"pallas"``;
+        None → :func:`pallas_kernels.default_row_kernel_config`.
+      return_aux: also return a dict with ``soft_loss`` (JSD_β) and ``hard_loss`` (CE), both
+        unweighted and reduced like the loss, and ``num_valid_tokens`` (global when
+        ``axis_name`` is set). The aux values carry no gradient (``stop_gradient``).
+
+    Returns:
+      The float32 scalar loss, or ``(loss, aux)`` when ``return_aux``. Gradients w.r.t.
+      ``soft_weight``/``hard_weight`` are exact; w.r.t. ``beta``/``temperature`` they are NaN
+      (not implemented). A traced β outside [0, 1] or T ≤ 0 gives a NaN loss.
+
+    Raises:
+      ValueError, TypeError: at trace time, for bad shapes, dtypes or options; the message
+        names the argument.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from jaxdistill import fused_linear_jsd_loss
+      >>> k = jax.random.split(jax.random.key(0), 5)
+      >>> xs, ws = jax.random.normal(k[0], (2, 8, 16)), jax.random.normal(k[1], (16, 100)) / 4
+      >>> xt, wt = jax.random.normal(k[2], (2, 8, 32)), jax.random.normal(k[3], (32, 100)) / 4
+      >>> y = jax.random.randint(k[4], (2, 8), 0, 100)
+      >>> loss, grads = jax.value_and_grad(fused_linear_jsd_loss, argnums=(0, 1))(
+      ...     xs, ws, xt, wt, y, beta=0.5, temperature=2.0, hard_weight=0.5)
+      >>> grads[1].shape
+      (16, 100)
+    """
+    a = validate_and_flatten(
+        student_hidden,
+        student_weight,
+        teacher_hidden,
+        teacher_weight,
+        labels,
+        student_bias=student_bias,
+        teacher_bias=teacher_bias,
+        beta=beta,
+        temperature=temperature,
+        ignore_index=ignore_index,
+        where=where,
+        reduction=reduction,
+    )
+    concrete_float(soft_weight, "soft_weight")
+    concrete_float(hard_weight, "hard_weight")
+    implementation = resolve_implementation(implementation)
+    vocab = student_weight.shape[1]
+    if chunk_size is None:
+        chunk_size = default_chunk_size(vocab)
+    if implementation == "pallas":
+        if kernel_config is None:
+            kernel_config = default_row_kernel_config(vocab, student_hidden.dtype)
+        if not isinstance(kernel_config, RowKernelConfig):
+            raise TypeError(f"`kernel_config` must be a RowKernelConfig, got {type(kernel_config).__name__}")
+    elif kernel_config is not None:
+        raise ValueError("`kernel_config` applies only to implementation='pallas'")
+    plan = FusedPlan(
+        chunk_size=chunk_size,
+        implementation=implementation,
+        kernel_config=kernel_config,
+        interpret=jax.default_backend() != "gpu",
+    )
+
+    # Rows the kernel sees: a label in [0, V) for valid rows, −1 for ignored ones.
+    kernel_labels = jnp.where(a.valid, jnp.clip(a.labels, 0, vocab - 1), -1)
+    hyper = jnp.stack([jnp.asarray(v, jnp.float32) for v in (beta, temperature, soft_weight, hard_weight)])
+    total, soft_sum, hard_sum = _fused_sums(
+        plan,
+        a.student_hidden,
+        student_weight,
+        student_bias,
+        a.teacher_hidden,
+        teacher_weight,
+        teacher_bias,
+        kernel_labels,
+        hyper,
+    )
+    count = jnp.sum(a.valid.astype(jnp.int32))
+    if axis_name is not None:
+        count = lax.psum(count, axis_name)
+    denominator = jnp.maximum(count, 1).astype(jnp.float32) if reduction == "mean" else jnp.float32(1)
+    poison = jnp.where(a.any_bad_label(vocab) | a.bad_hyper(), jnp.nan, 1.0).astype(jnp.float32)
+    loss = total * poison / denominator
+    if not return_aux:
+        return loss
+    aux = {
+        "soft_loss": lax.stop_gradient(soft_sum * poison / denominator),
+        "hard_loss": lax.stop_gradient(hard_sum * poison / denominator),
+        "num_valid_tokens": count,
+    }
+    return loss, aux
