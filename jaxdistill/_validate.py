@@ -123,9 +123,7 @@ def validate_and_flatten(
     if not jnp.issubdtype(jnp.result_type(labels), jnp.integer):
         raise TypeError(f"`labels` must be integer, got {jnp.result_type(labels)}")
     if jnp.shape(labels) != lead:
-        raise ValueError(
-            f"`labels` shape {jnp.shape(labels)} must equal the leading dims {lead} of the hidden states"
-        )
+        raise ValueError(f"`labels` shape {jnp.shape(labels)} must equal the leading dims {lead} of the hidden states")
     if where is not None:
         if jnp.shape(where) != lead:
             raise ValueError(f"`where` shape {jnp.shape(where)} must equal `labels` shape {lead}")

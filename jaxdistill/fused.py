@@ -128,9 +128,7 @@ def _scan_losses_and_grads(plan, x_s, w_s, b_s, x_t, w_t, b_t, labels, hyper):
         z_t = _logits(x_t_c, w_t, b_t)
         soft_rows, hard_rows, dlogits = plan.distill_rows(z_s, z_t, labels_c, hyper, dlogits_dtype=x_s.dtype)
         grad_x_c = lax.dot_general(dlogits, w_s, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-        grad_w = grad_w + lax.dot_general(
-            x_s_c, dlogits, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32
-        )
+        grad_w = grad_w + lax.dot_general(x_s_c, dlogits, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
         if grad_b is not None:
             grad_b = grad_b + jnp.sum(dlogits, axis=0, dtype=jnp.float32)
         carry = (soft_acc + jnp.sum(soft_rows), hard_acc + jnp.sum(hard_rows), grad_w, grad_b)
@@ -138,7 +136,12 @@ def _scan_losses_and_grads(plan, x_s, w_s, b_s, x_t, w_t, b_t, labels, hyper):
 
     vocab = w_s.shape[1]
     zero = jnp.zeros((), jnp.float32)
-    init = (zero, zero, jnp.zeros((hidden_s, vocab), jnp.float32), None if b_s is None else jnp.zeros((vocab,), jnp.float32))
+    init = (
+        zero,
+        zero,
+        jnp.zeros((hidden_s, vocab), jnp.float32),
+        None if b_s is None else jnp.zeros((vocab,), jnp.float32),
+    )
     (soft_sum, hard_sum, grad_w, grad_b), grad_x = lax.scan(body, init, xs)
     return soft_sum, hard_sum, grad_x.reshape(-1, hidden_s)[:n_rows], grad_w, grad_b
 

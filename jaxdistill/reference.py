@@ -85,6 +85,7 @@ def fused_linear_jsd_loss(
         where=where,
         reduction=reduction,
     )
+
     def dot(x, w):  # float32 accumulation, or float64 for the upcast oracle
         return jnp.matmul(x, w, preferred_element_type=jnp.promote_types(x.dtype, jnp.float32))
 
