@@ -99,15 +99,13 @@ def test_all_tokens_ignored_gives_zero_loss_and_grads(reduction):
 BF16_ROUNDINGS = 2 * 2.0**-9
 
 
-@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0], ids=lambda b: f"beta={b}")
-@pytest.mark.parametrize("vocab", [123, 1000], ids=lambda v: f"V={v}")
-def test_bf16_within_the_unfused_bf16_error_budget(beta, vocab):
+def check_bf16(p, *, implementation="xla", chunk_size=16, **options):
     """bf16 error against the f64 oracle: no worse than the naive unfused bf16 computation, and
     within the float32-statistics reference's error plus the two mandated bf16 roundings."""
-    p = make_problem(n=40, vocab=vocab, seed=6).astype(jnp.bfloat16)
-    options = dict(beta=beta, temperature=2.0, hard_weight=0.5)
     want_loss, want_grads = oracle64(p, **options)  # the oracle sees the same bf16-rounded inputs
-    got_loss, got_grads = loss_and_grads(fused_linear_jsd_loss, p, implementation="xla", chunk_size=16, **options)
+    got_loss, got_grads = loss_and_grads(
+        fused_linear_jsd_loss, p, implementation=implementation, chunk_size=chunk_size, **options
+    )
     ref_loss, ref_grads = loss_and_grads(reference.fused_linear_jsd_loss, p, **options)
     naive_loss_value, naive_grads = loss_and_grads(naive_loss, p, **options)
     assert got_loss.dtype == jnp.float32
@@ -120,6 +118,26 @@ def test_bf16_within_the_unfused_bf16_error_budget(beta, vocab):
         err = relative_error(got, want)
         assert err <= relative_error(naive, want) + 2.0**-10, name  # "plus a small tolerance"
         assert err <= relative_error(ref, want) + BF16_ROUNDINGS, name
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0], ids=lambda b: f"beta={b}")
+@pytest.mark.parametrize("vocab", [123, 1000], ids=lambda v: f"V={v}")
+def test_bf16_within_the_unfused_bf16_error_budget(beta, vocab):
+    p = make_problem(n=40, vocab=vocab, seed=6).astype(jnp.bfloat16)
+    check_bf16(p, beta=beta, temperature=2.0, hard_weight=0.5)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0], ids=lambda b: f"beta={b}")
+@pytest.mark.parametrize("vocab", [123, 4097, 32003], ids=lambda v: f"V={v}")
+def test_pallas_implementation_matches_oracle(vocab, beta, dtype):
+    """The whole loss through the Pallas kernel (interpret mode off-GPU): 11 rows in chunks of 4."""
+    p = make_problem(n=11, hs=8, ht=12, vocab=vocab, ignored_fraction=0.3, seed=vocab)
+    options = dict(beta=beta, temperature=0.7, soft_weight=0.8, hard_weight=0.4, implementation="pallas", chunk_size=4)
+    if dtype == "float32":
+        check_f32(p, **options)
+    else:
+        check_bf16(p.astype(jnp.bfloat16), **options)
 
 
 def test_golden_soft_loss_against_numpy():
