@@ -1,0 +1,1 @@
+"""Benchmarks of jaxdistill: ``python -m bench`` (see bench/__main__.py)."""

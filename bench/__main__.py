@@ -1,0 +1,305 @@
+"""``python -m bench``: jaxdistill's fused distillation loss next to its peers — time, memory, accuracy.
+
+Usage::
+
+    python -m bench --preset tiny --out /tmp/bench-tiny            # CPU smoke run, < 1 minute
+    python -m bench --preset llama:2048,8192,32768 gemma:8192 llama:65536 \\
+        --impl matmul-floor xla pallas reference liger --time-budget 540 --out $OUT   # H200
+    python -m bench --replot --out $OUT                             # table and plots again
+
+``--preset NAME[:N,N,...]`` (repeatable in one list) picks a teacher/student pair — ``tiny``,
+``llama`` (Ht 4096, Hs 2048, V 128256), ``qwen`` (4096, 2048, V 151936), ``gemma`` (3840, 1152,
+V 262144) — and the N (tokens) to sweep; without ``:N,...`` the preset's own sweep.
+``--hidden-teacher/--hidden-student/--vocab`` override the preset's shapes.
+``--impl`` chooses among ``matmul-floor`` (the four matmuls alone), ``xla`` and ``pallas``
+(:func:`jaxdistill.fused_linear_jsd_loss`), ``reference`` (materialized logits + autodiff) and
+``liger`` (Liger-Kernel's LigerFusedLinearJSDLoss through torch; a ``skipped`` row where torch or
+liger-kernel is missing). All get the same inputs and β, T, soft/hard weights.
+
+Every case runs in a fresh worker process (:mod:`bench.suite`), so that its peak device memory
+is its own and an out-of-memory or a crash is one row. ``--time-budget`` stops starting cases
+(and cuts a running one) when the budget is spent; the remaining cases become ``skipped`` rows.
+
+Writes, in ``--out``: ``rows.jsonl`` (one JSON object per case, appended as each finishes, with
+date, device, jax version, git sha and full config), ``results.md`` (the table, rewritten after
+every row), ``time.png`` and ``memory.png`` (one line per implementation against N, one panel per
+preset) and ``workers.log`` (the workers' output). ``--replot`` rebuilds table and plots from an
+existing ``rows.jsonl``. The table is printed last.
+
+Set-up of the workers: ``XLA_PYTHON_CLIENT_PREALLOCATE=false`` (JAX and torch share the GPU in
+the Liger rows) and ``XLA_PYTHON_CLIENT_MEM_FRACTION=0.95`` unless already set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+from bench import report
+from bench.cases import IMPLEMENTATIONS, PRESETS, Case, Problem, is_oom, liger_missing_reason
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+MIN_CASE_START_S = 15.0  # with less budget than this left, no new case is started
+WORKER_ENV_DEFAULTS = {"XLA_PYTHON_CLIENT_PREALLOCATE": "false", "XLA_PYTHON_CLIENT_MEM_FRACTION": "0.95"}
+
+
+def parse_preset(spec: str) -> tuple[str, tuple[int, ...] | None]:
+    """``"llama:2048,8192"`` → ("llama", (2048, 8192)); ``"tiny"`` → ("tiny", None)."""
+    name, _, sizes = spec.partition(":")
+    if name not in PRESETS:
+        raise argparse.ArgumentTypeError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
+    if not sizes:
+        return name, None
+    try:
+        ns = tuple(int(s) for s in sizes.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bad N list in {spec!r}: expected NAME:N,N,...") from None
+    if any(n <= 0 for n in ns):
+        raise argparse.ArgumentTypeError(f"N must be positive in {spec!r}")
+    return name, ns
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench", description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", type=Path, required=True, help="output directory (created)")
+    parser.add_argument(
+        "--preset", type=parse_preset, nargs="+", default=[("tiny", None)], help="NAME[:N,N,...] (default: tiny)"
+    )
+    parser.add_argument("--impl", nargs="+", choices=IMPLEMENTATIONS, default=list(IMPLEMENTATIONS))
+    parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
+    parser.add_argument("--beta", type=float, default=0.5)
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--soft-weight", type=float, default=0.5)
+    parser.add_argument("--hard-weight", type=float, default=0.5)
+    parser.add_argument("--ignore-fraction", type=float, default=0.05, help="fraction of tokens with ignored labels")
+    parser.add_argument("--chunk-size", type=int, default=None, help="rows per chunk (default: the library's)")
+    parser.add_argument("--hidden-teacher", type=int, default=None, help="override the preset's Ht")
+    parser.add_argument("--hidden-student", type=int, default=None, help="override the preset's Hs")
+    parser.add_argument("--vocab", type=int, default=None, help="override the preset's V")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--iters", type=int, default=10, help="timed calls per measurement (>= 10)")
+    parser.add_argument(
+        "--error-max-n", type=int, default=16384, help="compute errors against the float32 reference up to this N"
+    )
+    parser.add_argument("--time-budget", type=float, default=None, help="seconds for the whole run (default: none)")
+    parser.add_argument("--case-timeout", type=float, default=600.0, help="seconds for one case")
+    parser.add_argument("--git-sha", default=None, help="recorded in the rows (default: git rev-parse HEAD)")
+    parser.add_argument("--append", action="store_true", help="keep the rows already in --out")
+    parser.add_argument("--replot", action="store_true", help="only rebuild table and plots from --out's rows")
+    return parser
+
+
+def build_cases(args) -> list[Case]:
+    """Cases in run order: presets and N as given, within each the implementations in canonical order.
+
+    The matmul floor goes first in each problem so that later rows can report their ratio to it.
+    """
+    impls = [impl for impl in IMPLEMENTATIONS if impl in args.impl]
+    cases = []
+    for name, sizes in args.preset:
+        preset = PRESETS[name]
+        for n in sizes or preset.sizes:
+            problem = Problem(
+                preset=name,
+                n=n,
+                hidden_teacher=args.hidden_teacher or preset.hidden_teacher,
+                hidden_student=args.hidden_student or preset.hidden_student,
+                vocab=args.vocab or preset.vocab,
+                dtype=args.dtype,
+                beta=args.beta,
+                temperature=args.temperature,
+                soft_weight=args.soft_weight,
+                hard_weight=args.hard_weight,
+                ignore_fraction=args.ignore_fraction,
+                chunk_size=args.chunk_size,
+                seed=args.seed,
+            )
+            cases += [
+                Case(problem, impl, warmup=args.warmup, iters=args.iters, error_max_n=args.error_max_n)
+                for impl in impls
+            ]
+    return cases
+
+
+def git_sha() -> str | None:
+    """HEAD of the repository, with ``+dirty`` for uncommitted changes; None outside a checkout."""
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT, capture_output=True, text=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return sha + ("+dirty" if dirty else "")
+
+
+class Runner:
+    """Runs cases in worker processes within a time budget; kills the running worker on demand."""
+
+    def __init__(
+        self, out_dir: Path, time_budget: float | None, case_timeout: float, compilation_cache_dir: str | None = None
+    ):
+        self.out_dir = out_dir
+        self.deadline = None if time_budget is None else time.monotonic() + time_budget
+        self.case_timeout = case_timeout
+        self.process: subprocess.Popen | None = None
+        self.env = {**WORKER_ENV_DEFAULTS, **os.environ}
+        if compilation_cache_dir is not None:
+            # Executables shared by the workers of a run (input generator, float32 oracle) compile
+            # once. Each measured program is compiled by one worker only, so its compile time stays
+            # cold; XLA's autotuning cache is left off so that no implementation inherits another's.
+            self.env.update(
+                JAX_COMPILATION_CACHE_DIR=compilation_cache_dir,
+                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                JAX_PERSISTENT_CACHE_ENABLE_XLA_CACHES="none",
+            )
+
+    def remaining(self) -> float | None:
+        return None if self.deadline is None else self.deadline - time.monotonic()
+
+    def kill(self) -> None:
+        """Ends the running worker and its children (its own process group)."""
+        if self.process is not None and self.process.poll() is None:
+            try:
+                os.killpg(self.process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.process.wait()
+
+    def run(self, case: Case) -> dict:
+        """The measured part of the case's row (status ok, OOM, error, timeout or skipped)."""
+        if case.impl == "liger" and (reason := liger_missing_reason()):
+            return {"status": "skipped", "reason": reason}
+        remaining = self.remaining()
+        if remaining is not None and remaining < MIN_CASE_START_S:
+            return {"status": "skipped", "reason": "time budget spent"}
+        timeout = self.case_timeout if remaining is None else min(self.case_timeout, remaining)
+        with tempfile.TemporaryDirectory() as tmp, open(self.out_dir / "workers.log", "a") as log:
+            result_path = Path(tmp) / "row.json"
+            log.write(f"==== {case.problem.preset} N={case.problem.n} {case.impl}\n")
+            log.flush()
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "bench.suite", case.to_json(), str(result_path)],
+                cwd=REPO_ROOT,
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                process_group=0,  # a group of its own, in this session: killable as one, ends with the run
+            )
+            try:
+                code = self.process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+                return {"status": "timeout", "reason": f"killed after {timeout:.0f} s"}
+            except BaseException:  # interrupted (Ctrl-C, SIGTERM): take the worker down too
+                self.kill()
+                raise
+            finally:
+                self.process = None
+            if result_path.exists():
+                return json.loads(result_path.read_text())
+        tail = _tail(self.out_dir / "workers.log")
+        status = "OOM" if is_oom(tail) else "error"
+        return {"status": status, "reason": f"worker exited with code {code}: {tail[-400:]}"}
+
+
+def _tail(path: Path, n_bytes: int = 4000) -> str:
+    with open(path, "rb") as f:
+        f.seek(max(0, f.seek(0, os.SEEK_END) - n_bytes))
+        return f.read().decode(errors="replace")
+
+
+def summary_line(row: dict) -> str:
+    config = row["config"]
+    head = f"{config['preset']:>6} N={config['n']:<6} {row['impl']:<12}"
+    if row["status"] != "ok":
+        return f"{head} {row['status']}: {(row.get('reason') or '')[:150]}"
+    ratio = row.get("ratio_to_floor")
+    extra = row["memory"].get("extra_bytes")
+    return (
+        f"{head} vg {row['vg_ms']['median']:9.3f} ms  fwd {row['fwd_ms']['median']:9.3f} ms"
+        + (f"  ×floor {ratio:.2f}" if ratio else "")
+        + (f"  +peak {extra / 1e9:.2f} GB" if extra is not None else "")
+        + (f"  grad_W err {row['errors']['grad_w_rel']:.1e}" if "grad_w_rel" in row.get("errors", {}) else "")
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.iters < 10:
+        build_parser().error("--iters must be at least 10")
+    out_dir: Path = args.out
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if args.replot:
+        print(report.render(out_dir))
+        return 0
+    if not args.append:
+        for name in (report.ROWS_FILE, "workers.log"):
+            (out_dir / name).unlink(missing_ok=True)
+
+    meta = {
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "git_sha": args.git_sha or git_sha(),
+    }
+    with tempfile.TemporaryDirectory(prefix="bench-jax-cache-") as cache_dir:
+        runner = Runner(out_dir, args.time_budget, args.case_timeout, compilation_cache_dir=cache_dir)
+        completed = run_cases(build_cases(args), runner, out_dir, meta)
+    print(report.render(out_dir))
+    return 0 if completed else 130
+
+
+def run_cases(cases: list[Case], runner: Runner, out_dir: Path, meta: dict) -> bool:
+    """Runs the cases with a progress bar, writing each row as it lands; False if interrupted."""
+
+    def on_sigterm(signum, frame):
+        raise KeyboardInterrupt
+
+    previous_handler = signal.signal(signal.SIGTERM, on_sigterm)
+    rows = report.read_rows(out_dir)
+    progress = tqdm(cases, desc="bench", unit="case", dynamic_ncols=True, file=sys.stderr)
+    try:
+        for case in progress:
+            progress.set_postfix_str(f"{case.problem.preset} N={case.problem.n} {case.impl}")
+            start = time.monotonic()
+            measured = runner.run(case)
+            row = {
+                "schema": 1,
+                **meta,
+                "impl": case.impl,
+                "config": {**dataclasses.asdict(case.problem), "warmup": case.warmup, "iters": case.iters},
+                "memory": {},
+                "errors": {},
+                **measured,
+                "wall_s": round(time.monotonic() - start, 2),
+            }
+            row["ratio_to_floor"] = report.ratio_to_floor(row, report.floor_medians(rows + [row]))
+            rows.append(row)
+            report.append_row(out_dir, row)
+            (out_dir / report.TABLE_FILE).write_text(report.markdown(rows))
+            progress.write(summary_line(row))
+    except KeyboardInterrupt:
+        return False
+    finally:
+        progress.close()
+        signal.signal(signal.SIGTERM, previous_handler)
+    return True
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,93 @@
+"""What the benchmark runs: presets, problems and cases (no JAX import; the driver uses it too)."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+
+IMPLEMENTATIONS = ("matmul-floor", "xla", "pallas", "reference", "liger")
+IGNORE_INDEX = -100
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    """A teacher/student pair: hidden sizes, vocabulary and the default N sweep."""
+
+    hidden_teacher: int
+    hidden_student: int
+    vocab: int
+    sizes: tuple[int, ...]
+    models: str
+
+
+PRESETS = {
+    "tiny": Preset(64, 32, 1000, (64, 256), "synthetic, for the CPU"),
+    "llama": Preset(4096, 2048, 128256, (2048, 8192, 32768), "Llama-3.1-8B → Llama-3.2-1B"),
+    "qwen": Preset(4096, 2048, 151936, (2048, 8192, 32768), "Qwen3-8B → Qwen3-1.7B"),
+    "gemma": Preset(3840, 1152, 262144, (2048, 8192), "Gemma-3-12B → Gemma-3-1B"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    """Shapes, dtype and hyper-parameters of one benchmark problem (a row's ``config``)."""
+
+    preset: str
+    n: int
+    hidden_teacher: int
+    hidden_student: int
+    vocab: int
+    dtype: str = "bfloat16"
+    beta: float = 0.5
+    temperature: float = 1.0
+    soft_weight: float = 0.5
+    hard_weight: float = 0.5
+    ignore_fraction: float = 0.05
+    chunk_size: int | None = None
+    seed: int = 0
+
+    def flops(self) -> int:
+        """2·N·V·(Ht + 3·Hs): teacher logits, student logits, grad_x and grad_W."""
+        return 2 * self.n * self.vocab * (self.hidden_teacher + 3 * self.hidden_student)
+
+    def loss_kwargs(self) -> dict:
+        """Keyword arguments of :func:`jaxdistill.fused_linear_jsd_loss` and its reference."""
+        return dict(
+            beta=self.beta,
+            temperature=self.temperature,
+            soft_weight=self.soft_weight,
+            hard_weight=self.hard_weight,
+            ignore_index=IGNORE_INDEX,
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One (problem, implementation) measurement, run by one worker process."""
+
+    problem: Problem
+    impl: str
+    warmup: int = 2
+    iters: int = 10
+    error_max_n: int = 16384
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> Case:
+        fields = json.loads(text)
+        return cls(problem=Problem(**fields.pop("problem")), **fields)
+
+
+def is_oom(error: BaseException | str) -> bool:
+    """Whether an exception (or an error text) is an out-of-memory of XLA or torch."""
+    text = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+    return any(s in text for s in ("RESOURCE_EXHAUSTED", "OutOfMemoryError", "out of memory", "PlannedOOM"))
+
+
+def liger_missing_reason() -> str | None:
+    """Why the Liger-Kernel row cannot run here (a package is not installed), or None."""
+    missing = [name for name in ("torch", "liger_kernel") if importlib.util.find_spec(name) is None]
+    return f"not installed: {', '.join(missing)}" if missing else None

@@ -1,0 +1,185 @@
+"""Benchmark output: the JSONL rows, the markdown table and the PNG plots (matplotlib, Agg)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+ROWS_FILE = "rows.jsonl"
+TABLE_FILE = "results.md"
+TIME_PLOT_FILE = "time.png"
+MEMORY_PLOT_FILE = "memory.png"
+
+
+def read_rows(out_dir: Path) -> list[dict]:
+    path = Path(out_dir) / ROWS_FILE
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def append_row(out_dir: Path, row: dict) -> None:
+    """Appends one row and flushes it to disk (a killed run keeps every finished row)."""
+    with open(Path(out_dir) / ROWS_FILE, "a") as f:
+        f.write(json.dumps(row) + "\n")
+        f.flush()
+
+
+def _group_key(row: dict) -> str:
+    """Rows of the same problem (everything in the config but nothing about the implementation)."""
+    return json.dumps(row["config"], sort_keys=True)
+
+
+def floor_medians(rows: list[dict]) -> dict[str, float]:
+    """Median value-and-grad ms of the matmul-floor row of each problem (the last one wins)."""
+    return {_group_key(r): r["vg_ms"]["median"] for r in rows if r["impl"] == "matmul-floor" and r["status"] == "ok"}
+
+
+def ratio_to_floor(row: dict, floors: dict[str, float]) -> float | None:
+    floor = floors.get(_group_key(row))
+    if row["status"] != "ok" or floor is None:
+        return None
+    return row["vg_ms"]["median"] / floor
+
+
+def _gb(n_bytes) -> str:
+    return "" if n_bytes is None else f"{n_bytes / 1e9:.2f}"
+
+
+def _num(x, fmt) -> str:
+    return "" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
+
+
+COLUMNS = (
+    "preset",
+    "N",
+    "impl",
+    "status",
+    "vg ms (p10–p90)",
+    "fwd ms",
+    "× floor",
+    "TFLOP/s",
+    "Mtok/s",
+    "compile s",
+    "XLA temp GB",
+    "+peak GB",
+    "loss",
+    "loss err",
+    "grad_x err",
+    "grad_W err",
+)
+
+
+def table_row(row: dict, floors: dict[str, float]) -> list[str]:
+    config, memory, errors = row["config"], row.get("memory", {}), row.get("errors", {})
+    base = [config["preset"], str(config["n"]), row["impl"]]
+    if row["status"] != "ok":
+        reason = (row.get("reason") or "").replace("|", "/").replace("\n", " ")[:120]
+        return base + [f"{row['status']}: {reason}" if reason else row["status"]] + [""] * (len(COLUMNS) - 4)
+    vg, fwd = row["vg_ms"], row["fwd_ms"]
+    return base + [
+        "ok",
+        f"{vg['median']:.2f} ({vg['p10']:.2f}–{vg['p90']:.2f})",
+        f"{fwd['median']:.2f}",
+        _num(ratio_to_floor(row, floors), ".2f"),
+        _num(row.get("tflops"), ".0f" if row.get("tflops", 0) >= 10 else ".3f"),
+        _num(row["tokens_per_s"] / 1e6, ".3f"),
+        _num(row["compile_s"]["vg"], ".1f"),
+        _gb(memory.get("xla_temp_bytes")),
+        _gb(memory.get("extra_bytes")),
+        _num(row.get("loss"), ".5f"),
+        _num(errors.get("loss_rel"), ".1e"),
+        _num(errors.get("grad_x_rel"), ".1e"),
+        _num(errors.get("grad_w_rel"), ".1e"),
+    ]
+
+
+def markdown(rows: list[dict]) -> str:
+    """The results as markdown: the run's environment and hyper-parameters, then one table row a case."""
+    if not rows:
+        return "No rows.\n"
+    floors = floor_medians(rows)
+    envs = [r["env"] for r in rows if r.get("env", {}).get("device")]
+    env = envs[0] if envs else {}
+    config = rows[0]["config"]
+    lines = [
+        f"Device: {env.get('device', '?')} ({env.get('backend', '?')}), jax {env.get('jax', '?')}, "
+        f"date {rows[0]['date']}, git {rows[0].get('git_sha') or '?'}.",
+        f"dtype {config['dtype']}, β = {config['beta']}, T = {config['temperature']}, "
+        f"soft weight {config['soft_weight']}, hard weight {config['hard_weight']}, "
+        f"ignored fraction {config['ignore_fraction']}, chunk {config['chunk_size'] or 'default'}, "
+        f"{config['iters']} timed calls after {config['warmup']} warm-up.",
+        "vg = value and gradients (w.r.t. student hidden and weight); × floor = vg / the four matmuls; "
+        "TFLOP/s counts 2·N·V·(Ht+3·Hs); +peak = device memory the timed calls added on top of the inputs; "
+        "errors are relative to the float32 reference on the same inputs.",
+        "",
+        "| " + " | ".join(COLUMNS) + " |",
+        "|" + "|".join("---" for _ in COLUMNS) + "|",
+    ]
+    lines += ["| " + " | ".join(table_row(r, floors)) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], path: Path, *, metric: str) -> None:
+    """One panel per preset, N on the x axis, one line per implementation.
+
+    ``metric``: ``"time"`` (median value-and-grad ms, p10–p90 as error bars) or ``"memory"``
+    (device memory the timed calls added, in GB; XLA's planned temporaries in panels where no
+    row has a device measurement, e.g. on the CPU).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in rows if r["status"] == "ok"]
+    presets = list(dict.fromkeys(r["config"]["preset"] for r in rows)) or ["(no rows)"]
+    fig, axes = plt.subplots(1, len(presets), figsize=(5.5 * len(presets), 4.2), squeeze=False)
+    for ax, preset in zip(axes[0], presets, strict=True):
+        panel = [r for r in ok if r["config"]["preset"] == preset]
+        if metric == "time":
+            ylabel = "value-and-grad time (ms)"
+        else:
+            key = "extra_bytes" if any("extra_bytes" in r["memory"] for r in panel) else "xla_temp_bytes"
+            ylabel = "device memory added (GB)" if key == "extra_bytes" else "XLA temporaries (GB)"
+        for impl in dict.fromkeys(r["impl"] for r in panel):
+            points = sorted((r["config"]["n"], r) for r in panel if r["impl"] == impl)
+            if metric == "time":
+                xs = [n for n, _ in points]
+                ys = [r["vg_ms"]["median"] for _, r in points]
+                spread = [
+                    [y - r["vg_ms"]["p10"] for y, (_, r) in zip(ys, points, strict=True)],
+                    [r["vg_ms"]["p90"] - y for y, (_, r) in zip(ys, points, strict=True)],
+                ]
+                ax.errorbar(xs, ys, yerr=spread, marker="o", capsize=3, label=impl)
+            else:
+                xy = [(n, r["memory"][key] / 1e9) for n, r in points if (r["memory"].get(key) or 0) > 0]
+                if xy:
+                    ax.plot(*zip(*xy, strict=True), marker="o", label=impl)
+        ax.set_xscale("log", base=2)
+        sizes = sorted({r["config"]["n"] for r in panel})
+        if sizes:
+            ax.set_xticks(sizes, [str(n) for n in sizes])
+            ax.minorticks_off()
+        if ax.has_data():
+            ax.set_yscale("log")
+            ax.legend(fontsize=8)
+        ax.set_xlabel("N (tokens)")
+        ax.set_ylabel(ylabel)
+        ax.set_title(preset)
+        ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def render(out_dir: Path) -> str:
+    """Writes the markdown table and both plots from ``out_dir``'s rows; returns the markdown."""
+    out_dir = Path(out_dir)
+    rows = read_rows(out_dir)
+    text = markdown(rows)
+    (out_dir / TABLE_FILE).write_text(text)
+    plot(rows, out_dir / TIME_PLOT_FILE, metric="time")
+    plot(rows, out_dir / MEMORY_PLOT_FILE, metric="memory")
+    return text

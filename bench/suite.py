@@ -1,0 +1,430 @@
+"""One benchmark case — a (problem, implementation) pair — measured in its own process.
+
+``python -m bench`` runs every case as ``python -m bench.suite CASE_JSON RESULT_PATH`` so
+that the device's cumulative ``peak_bytes_in_use`` belongs to that case alone, and so that an
+out-of-memory, a crash or a hang costs one row, not the run. The worker writes one JSON object
+(the measured part of a row) to ``RESULT_PATH``; :mod:`bench.__main__` adds the run metadata.
+
+Implementations (all on the same inputs and hyper-parameters, generated from the same seed):
+
+* ``matmul-floor``: the four matmuls alone — teacher logits x_t W_t, student logits x_s W_s,
+  grad_x = G W_sᵀ and grad_W = x_sᵀ G with a random (N, V) G in the activation dtype — each one
+  plain XLA dot with bf16 operands and float32 accumulation, as in the fused path (but unchunked,
+  so it also materializes the logits). Its forward is the two logits matmuls.
+* ``xla`` / ``pallas``: :func:`jaxdistill.fused_linear_jsd_loss` with that ``implementation``.
+* ``reference``: :func:`jaxdistill.reference.fused_linear_jsd_loss` (materialized logits,
+  ``jax.value_and_grad``).
+* ``liger``: Liger-Kernel's ``LigerFusedLinearJSDLoss`` through torch (weights transposed to
+  its (V, H) layout once, outside timing; inputs shared with JAX through DLPack). Same loss:
+  ``weight_soft_loss``/``weight_hard_loss`` = our ``soft_weight``/``hard_weight``, both divide
+  by the number of non-ignored tokens, T divides both logits for the soft part only, CE is
+  untempered, M = β·P_teacher + (1−β)·Q_student. It computes its gradients inside its forward,
+  so its "forward" time is that call without ``backward()``.
+
+Measured per case: median/p10/p90 ms of value-and-gradients and of the forward alone
+(after warm-up, each call timed to ``block_until_ready`` / ``torch.cuda.synchronize``),
+compile seconds (trace + compile for JAX, cold: the driver's run-wide compilation cache only
+ever serves the input generator and the oracle; first call minus a steady call for torch), XLA's
+planned temporary bytes, the device memory the timed calls added on top of the inputs, and the
+relative error of the loss and of both student gradients against the float32 reference
+(``jax.default_matmul_precision("float32")``) on the same inputs, where that fits.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.metadata
+import json
+import math
+import platform
+import sys
+import time
+import traceback
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+import jaxdistill
+from bench.cases import IGNORE_INDEX, Case, Problem, is_oom
+from jaxdistill import reference
+
+LOGIT_STD = 2.0  # weights are drawn so that logits have about this standard deviation
+SLAB_ELEMENTS = 1 << 24  # inputs are drawn in row slabs of at most this many elements
+F32_REFERENCE_NV_BUFFERS = 8  # rough count of (N, V) float32 buffers the oracle needs
+
+
+class PlannedOOM(Exception):
+    """XLA plans more memory than the device has free: reported as an OOM row, not run."""
+
+
+def percentiles_ms(seconds: list[float]) -> dict:
+    """Median, p10 and p90 of call times, in milliseconds."""
+    p10, median, p90 = np.percentile(np.asarray(seconds) * 1e3, [10, 50, 90])
+    return {"median": float(median), "p10": float(p10), "p90": float(p90)}
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs (the same seed gives the same arrays in every worker)
+
+INPUT_NAMES = ("student_hidden", "student_weight", "teacher_hidden", "teacher_weight")
+
+
+def make_inputs(problem: Problem, *, with_dlogits: bool = False) -> dict:
+    """Random inputs: x ~ N(0, 1), W ~ N(0, LOGIT_STD²/H), labels with ignored rows.
+
+    One jitted program draws them slab by slab into its outputs (a loop over row slabs), so
+    that the random-number temporaries stay small next to the inputs and the device's peak
+    memory reflects the benchmark, not the set-up.
+
+    Returns:
+      dict with student_hidden (N, Hs), student_weight (Hs, V), teacher_hidden (N, Ht),
+      teacher_weight (Ht, V) in ``problem.dtype``, labels (N,) int32 (IGNORE_INDEX where
+      ignored) and, when ``with_dlogits``, dlogits (N, V) for the matmul floor.
+    """
+    return jax.block_until_ready(_draw_inputs(problem, with_dlogits))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _draw_inputs(problem: Problem, with_dlogits: bool) -> dict:
+    p = problem
+    keys = jax.random.split(jax.random.key(p.seed, impl="rbg"), 7)
+    specs = {
+        "student_hidden": ((p.n, p.hidden_student), 1.0),
+        "student_weight": ((p.hidden_student, p.vocab), LOGIT_STD / math.sqrt(p.hidden_student)),
+        "teacher_hidden": ((p.n, p.hidden_teacher), 1.0),
+        "teacher_weight": ((p.hidden_teacher, p.vocab), LOGIT_STD / math.sqrt(p.hidden_teacher)),
+        "dlogits": ((p.n, p.vocab), 1.0 / math.sqrt(p.vocab)),
+    }
+    if not with_dlogits:
+        del specs["dlogits"]
+    inputs = {name: _normal(keys[i], shape, scale, p.dtype) for i, (name, (shape, scale)) in enumerate(specs.items())}
+    labels = jax.random.randint(keys[5], (p.n,), 0, p.vocab, jnp.int32)
+    ignored = jax.random.uniform(keys[6], (p.n,)) < p.ignore_fraction
+    inputs["labels"] = jnp.where(ignored, IGNORE_INDEX, labels)
+    return inputs
+
+
+def _normal(key, shape, scale, dtype):
+    """N(0, scale²) of a 2-D ``shape`` in ``dtype``, drawn in row slabs of ≤ SLAB_ELEMENTS (traced)."""
+    rows, cols = shape
+    slab_rows = max(1, min(rows, SLAB_ELEMENTS // cols))
+    n_full, tail = divmod(rows, slab_rows)
+
+    def slab(index, n_rows):
+        return (jax.random.normal(jax.random.fold_in(key, index), (n_rows, cols)) * scale).astype(dtype)
+
+    def body(index, out):
+        return lax.dynamic_update_slice(out, slab(index, slab_rows), (index * slab_rows, 0))
+
+    out = lax.fori_loop(0, n_full, body, jnp.zeros(shape, dtype))
+    if tail:
+        out = lax.dynamic_update_slice(out, slab(n_full, tail), (n_full * slab_rows, 0))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The JAX implementations: (value-and-grad fn, forward fn, their args)
+
+
+def matmul_floor_fns(inputs):
+    """The four plain dots (bf16 operands, float32 accumulation) and the forward's two."""
+
+    def logits(x_s, w_s, x_t, w_t):
+        z_t = jnp.matmul(x_t, w_t, preferred_element_type=jnp.float32)
+        z_s = jnp.matmul(x_s, w_s, preferred_element_type=jnp.float32)
+        return z_t, z_s
+
+    def four(x_s, w_s, x_t, w_t, g):
+        z_t, z_s = logits(x_s, w_s, x_t, w_t)
+        grad_x = lax.dot_general(g, w_s, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+        grad_w = lax.dot_general(x_s, g, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+        return z_t, z_s, grad_x, grad_w
+
+    args = tuple(inputs[k] for k in INPUT_NAMES)
+    return four, logits, args + (inputs["dlogits"],), args
+
+
+def loss_fns(impl: str, problem: Problem, inputs):
+    """value_and_grad (w.r.t. student hidden and weight) and forward of one loss implementation."""
+    kwargs = problem.loss_kwargs()
+    if impl == "reference":
+
+        def loss(x_s, w_s, x_t, w_t, y):
+            return reference.fused_linear_jsd_loss(x_s, w_s, x_t, w_t, y, **kwargs)
+
+    else:
+
+        def loss(x_s, w_s, x_t, w_t, y):
+            return jaxdistill.fused_linear_jsd_loss(
+                x_s, w_s, x_t, w_t, y, implementation=impl, chunk_size=problem.chunk_size, **kwargs
+            )
+
+    args = tuple(inputs[k] for k in INPUT_NAMES) + (inputs["labels"],)
+    return jax.value_and_grad(loss, argnums=(0, 1)), loss, args, args
+
+
+def memory_stats() -> dict | None:
+    """Memory stats of JAX's device allocator, or None where the backend has none (CPU)."""
+    return jax.devices()[0].memory_stats() or None
+
+
+def compile_checked(fn, args):
+    """jit + lower + compile; raises PlannedOOM when XLA's plan exceeds the free device memory.
+
+    Returns:
+      (compiled, seconds spent tracing and compiling, memory analysis or None).
+    """
+    start = time.perf_counter()
+    compiled = jax.jit(fn).lower(*args).compile()
+    seconds = time.perf_counter() - start
+    analysis = compiled.memory_analysis()
+    stats = memory_stats()
+    if analysis is not None and stats and "bytes_limit" in stats:
+        needed = analysis.temp_size_in_bytes + analysis.output_size_in_bytes
+        free = stats["bytes_limit"] - stats["bytes_in_use"]
+        if needed > free:
+            raise PlannedOOM(f"XLA plans {needed / 1e9:.1f} GB of temporaries and outputs, {free / 1e9:.1f} GB free")
+    return compiled, seconds, analysis
+
+
+def time_calls(call, *, warmup: int, iters: int, sync=jax.block_until_ready):
+    """Times ``call()`` ``iters`` times after ``warmup`` calls; returns (seconds, last result).
+
+    The previous result is dropped before each call, so at most one set of outputs is alive.
+    ``sync(result)`` waits for the device.
+    """
+    for _ in range(warmup):
+        sync(call())
+    seconds, result = [], None
+    for _ in range(iters):
+        result = None
+        start = time.perf_counter()
+        result = call()
+        sync(result)
+        seconds.append(time.perf_counter() - start)
+    return seconds, result
+
+
+def measure_jax(case: Case, row: dict, inputs):
+    """Times and sizes one JAX implementation; returns its (loss, grad_x, grad_W (Hs, V)) or None."""
+    if case.impl == "matmul-floor":
+        vg_fn, fwd_fn, vg_args, fwd_args = matmul_floor_fns(inputs)
+    else:
+        vg_fn, fwd_fn, vg_args, fwd_args = loss_fns(case.impl, case.problem, inputs)
+    vg, vg_compile_s, analysis = compile_checked(vg_fn, vg_args)
+    fwd, fwd_compile_s, _ = compile_checked(fwd_fn, fwd_args)
+    row["compile_s"] = {"vg": vg_compile_s, "fwd": fwd_compile_s}
+    memory = row["memory"]
+    if analysis is not None:
+        memory["xla_temp_bytes"] = int(analysis.temp_size_in_bytes)
+        memory["xla_output_bytes"] = int(analysis.output_size_in_bytes)
+
+    before = memory_stats()
+    vg_seconds, result = time_calls(lambda: vg(*vg_args), warmup=case.warmup, iters=case.iters)
+    fwd_seconds, _ = time_calls(lambda: fwd(*fwd_args), warmup=case.warmup, iters=case.iters)
+    after = memory_stats()
+    row["vg_ms"], row["fwd_ms"] = percentiles_ms(vg_seconds), percentiles_ms(fwd_seconds)
+    if before and after and "peak_bytes_in_use" in after:
+        memory.update(
+            source="jax peak_bytes_in_use",
+            baseline_bytes=int(before["bytes_in_use"]),
+            peak_bytes=int(after["peak_bytes_in_use"]),
+            extra_bytes=int(after["peak_bytes_in_use"] - before["bytes_in_use"]),
+        )
+        if after["peak_bytes_in_use"] <= before["peak_bytes_in_use"]:
+            memory["note"] = "upper bound: the process peak was set before the timed calls (compilation)"
+    if case.impl == "matmul-floor":
+        return None
+    loss, (grad_x, grad_w) = result
+    return loss, grad_x, grad_w
+
+
+# ---------------------------------------------------------------------------------------------
+# Liger-Kernel (torch)
+
+
+def measure_liger(case: Case, row: dict, inputs):
+    """Times Liger-Kernel's LigerFusedLinearJSDLoss on the same arrays (shared through DLPack).
+
+    Returns its (loss, grad_x, grad_W (Hs, V)) as JAX arrays.
+    """
+    import torch
+
+    result = _measure_liger(case, row, inputs)
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # torch's cached blocks go back before JAX runs the oracle
+    return result
+
+
+def _measure_liger(case: Case, row: dict, inputs):
+    import torch
+    from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
+
+    p = case.problem
+    on_gpu = jax.default_backend() == "gpu" and torch.cuda.is_available()
+    peer = dict(
+        weight_hard_loss=p.hard_weight,
+        weight_soft_loss=p.soft_weight,
+        beta=p.beta,
+        ignore_index=IGNORE_INDEX,
+        temperature=p.temperature,
+        compiled=on_gpu,  # torch.compile, Liger's default; it needs a GPU toolchain
+        chunk_size=p.chunk_size or 1024,
+    )
+    row["peer"] = {"name": "liger_kernel.chunked_loss.LigerFusedLinearJSDLoss", **peer}
+    loss_fn = LigerFusedLinearJSDLoss(**peer)
+
+    x_s = torch.from_dlpack(inputs["student_hidden"]).detach().requires_grad_(True)
+    x_t = torch.from_dlpack(inputs["teacher_hidden"])
+    # Liger's weights are (V, H): transposed once here, outside timing and memory accounting.
+    w_s = torch.from_dlpack(inputs["student_weight"]).t().contiguous().requires_grad_(True)
+    w_t = torch.from_dlpack(inputs["teacher_weight"]).t().contiguous()
+    labels = torch.from_dlpack(inputs["labels"]).long()
+
+    def sync(_=None):
+        if on_gpu:
+            torch.cuda.synchronize()
+
+    def value_and_grad():
+        x_s.grad = w_s.grad = None
+        loss = loss_fn(x_s, w_s, x_t, w_t, labels)
+        loss.backward()
+        return loss
+
+    def forward():  # gradients are computed inside Liger's forward; only backward() is left out
+        return loss_fn(x_s, w_s, x_t, w_t, labels)
+
+    sync()
+    if on_gpu:
+        torch.cuda.reset_peak_memory_stats()
+        baseline = torch.cuda.memory_allocated()
+    start = time.perf_counter()
+    sync(value_and_grad())
+    first_call_s = time.perf_counter() - start
+    vg_seconds, loss = time_calls(value_and_grad, warmup=case.warmup, iters=case.iters, sync=sync)
+    fwd_seconds, _ = time_calls(forward, warmup=case.warmup, iters=case.iters, sync=sync)
+    row["vg_ms"], row["fwd_ms"] = percentiles_ms(vg_seconds), percentiles_ms(fwd_seconds)
+    row["compile_s"] = {"vg": max(0.0, first_call_s - row["vg_ms"]["median"] / 1e3), "fwd": None}
+    if on_gpu:
+        peak = torch.cuda.max_memory_allocated()
+        row["memory"].update(
+            source="torch max_memory_allocated",
+            baseline_bytes=int(baseline),
+            peak_bytes=int(peak),
+            extra_bytes=int(peak - baseline),
+        )
+    sync()
+    return (
+        jnp.asarray(loss.detach().float().cpu().numpy()),
+        jax.dlpack.from_dlpack(x_s.grad.detach().contiguous()),
+        jax.dlpack.from_dlpack(w_s.grad.detach().t().contiguous()),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Accuracy against the float32 reference
+
+
+def reference_errors(case: Case, inputs, got) -> dict:
+    """Relative errors of (loss, grad_x, grad_W) against the float32 reference on the same inputs.
+
+    ‖got − ref‖ / ‖ref‖ (Frobenius; |·| for the loss), the reference run on the inputs upcast to
+    float32 with float32 matmuls. Returns ``{"note": why}`` where it is not computed.
+    """
+    p = case.problem
+    if p.n > case.error_max_n:
+        return {"note": f"not computed: N > --error-max-n {case.error_max_n}"}
+    stats = memory_stats()
+    estimate = F32_REFERENCE_NV_BUFFERS * 4 * p.n * p.vocab
+    if stats and "bytes_limit" in stats and estimate > stats["bytes_limit"] - stats["bytes_in_use"]:
+        return {"note": f"not computed: the float32 reference needs ~{estimate / 1e9:.0f} GB"}
+
+    def loss(x_s, w_s, x_t, w_t, y):
+        return reference.fused_linear_jsd_loss(x_s, w_s, x_t, w_t, y, **p.loss_kwargs())
+
+    args = tuple(inputs[k].astype(jnp.float32) for k in INPUT_NAMES) + (inputs["labels"],)
+    try:
+        with jax.default_matmul_precision("float32"):
+            compiled, _, _ = compile_checked(jax.value_and_grad(loss, argnums=(0, 1)), args)
+            ref_loss, (ref_grad_x, ref_grad_w) = compiled(*args)
+    except Exception as error:
+        if not is_oom(error):
+            raise
+        return {"note": "not computed: the float32 reference ran out of memory"}
+    del args
+    loss_, grad_x, grad_w = got
+    return {
+        "loss_rel": float(_relative_error(loss_, ref_loss)),
+        "grad_x_rel": float(_relative_error(grad_x, ref_grad_x)),
+        "grad_w_rel": float(_relative_error(grad_w, ref_grad_w)),
+        "reference_loss": float(ref_loss),
+    }
+
+
+@jax.jit
+def _relative_error(got, want):
+    got, want = got.astype(jnp.float32), want.astype(jnp.float32)
+    return jnp.linalg.norm((got - want).ravel()) / jnp.linalg.norm(want.ravel())
+
+
+# ---------------------------------------------------------------------------------------------
+# The worker
+
+
+def run_case(case: Case) -> dict:
+    """Measures one case; every outcome (OOM, missing peer, error) becomes a row, never a raise."""
+    env = {"python": platform.python_version()}
+    row: dict = {"status": "ok", "reason": None, "env": env, "memory": {}, "errors": {}}
+    try:
+        if case.impl == "liger":
+            env.update(torch=_version("torch"), liger_kernel=_version("liger-kernel"))
+            try:
+                import liger_kernel.chunked_loss  # noqa: F401
+                import torch  # noqa: F401
+            except Exception as error:  # any import failure means the peer cannot run here
+                row.update(status="skipped", reason=f"liger-kernel does not import: {type(error).__name__}: {error}")
+                return row
+        env.update(
+            device=jax.devices()[0].device_kind,
+            backend=jax.default_backend(),
+            jax=jax.__version__,
+            jaxlib=_version("jaxlib"),
+        )
+        inputs = make_inputs(case.problem, with_dlogits=case.impl == "matmul-floor")
+        row["memory"]["input_bytes"] = int(sum(x.nbytes for x in inputs.values()))
+        measure = measure_liger if case.impl == "liger" else measure_jax
+        got = measure(case, row, inputs)
+        seconds = row["vg_ms"]["median"] / 1e3
+        row["tflops"] = case.problem.flops() / seconds / 1e12
+        row["tokens_per_s"] = case.problem.n / seconds
+        if got is not None:
+            row["loss"] = float(got[0])
+            row["errors"] = reference_errors(case, inputs, got)
+    except Exception as error:  # the row records it
+        row["status"] = "OOM" if is_oom(error) else "error"
+        row["reason"] = f"{type(error).__name__}: {str(error)[:800]}"
+        if row["status"] == "error":
+            traceback.print_exc()
+    return row
+
+
+def main(argv: list[str]) -> int:
+    """``python -m bench.suite CASE_JSON RESULT_PATH``: measure one case, write its row."""
+    case_json, result_path = argv
+    row = run_case(Case.from_json(case_json))
+    with open(result_path, "w") as f:
+        json.dump(row, f)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,218 @@
+"""The benchmark suite: the tiny preset end to end, and its parts on synthetic rows."""
+
+import argparse
+import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from bench import report, suite
+from bench.__main__ import Runner, build_cases, build_parser, main, parse_preset
+from bench.cases import IMPLEMENTATIONS, PRESETS, Case, Problem, is_oom
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def tiny_problem(n=64, **overrides):
+    preset = PRESETS["tiny"]
+    return Problem("tiny", n, preset.hidden_teacher, preset.hidden_student, preset.vocab, **overrides)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """``python -m bench --preset tiny --out DIR``, as a user (and the acceptance check) runs it."""
+    out = tmp_path_factory.mktemp("bench-tiny")
+    completed = subprocess.run(
+        [sys.executable, "-m", "bench", "--preset", "tiny", "--out", str(out)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+    return out, completed.stdout, report.read_rows(out)
+
+
+def test_tiny_rows_cover_every_implementation_and_size(tiny_run):
+    _, _, rows = tiny_run
+    expected = [(n, impl) for n in PRESETS["tiny"].sizes for impl in IMPLEMENTATIONS]
+    assert [(r["config"]["n"], r["impl"]) for r in rows] == expected
+    for row in rows:
+        assert row["schema"] == 1 and row["date"] and "git_sha" in row
+        assert row["config"]["preset"] == "tiny" and row["config"]["iters"] >= 10
+        assert {"hidden_teacher", "hidden_student", "vocab", "dtype", "beta", "temperature"} <= set(row["config"])
+        if row["impl"] == "liger":
+            assert row["status"] in ("ok", "skipped"), row
+            assert row["status"] == "ok" or row["reason"]
+        else:
+            assert row["status"] == "ok", row
+
+
+def test_tiny_rows_hold_timings_memory_and_errors(tiny_run):
+    _, _, rows = tiny_run
+    ok = [r for r in rows if r["status"] == "ok"]
+    for row in ok:
+        assert row["env"]["device"] and row["env"]["jax"] == jax.__version__
+        for key in ("vg_ms", "fwd_ms"):
+            t = row[key]
+            assert 0 < t["p10"] <= t["median"] <= t["p90"]
+        assert row["compile_s"]["vg"] >= 0 and row["tflops"] > 0 and row["tokens_per_s"] > 0
+        assert row["ratio_to_floor"] > 0
+        if row["impl"] != "liger":
+            assert row["memory"]["xla_temp_bytes"] > 0
+    floors = [r for r in ok if r["impl"] == "matmul-floor"]
+    assert floors and all(r["ratio_to_floor"] == 1.0 and "loss" not in r for r in floors)
+    for row in ok:
+        if row["impl"] == "matmul-floor":
+            continue
+        errors = row["errors"]
+        # bf16 inputs: gradients are rounded to bf16 (~4e-3 relative), the loss is float32.
+        assert errors["loss_rel"] < 1e-3 and errors["grad_x_rel"] < 2e-2 and errors["grad_w_rel"] < 2e-2, row
+        assert row["loss"] == pytest.approx(errors["reference_loss"], rel=1e-3)
+
+
+def test_tiny_outputs_table_and_plots(tiny_run):
+    out, stdout, rows = tiny_run
+    table = (out / report.TABLE_FILE).read_text()
+    assert "| tiny | 64 | xla | ok |" in table and "| tiny | 256 | pallas | ok |" in table
+    assert table.count("\n| tiny |") == len(rows)
+    assert stdout.rstrip().endswith(table.rstrip().splitlines()[-1])  # the table is printed last
+    for name in (report.TIME_PLOT_FILE, report.MEMORY_PLOT_FILE):
+        assert (out / name).read_bytes()[:8] == PNG_SIGNATURE
+
+
+def test_parse_preset():
+    assert parse_preset("tiny") == ("tiny", None)
+    assert parse_preset("llama:2048,8192") == ("llama", (2048, 8192))
+    for bad in ("nope", "llama:2k", "gemma:0"):
+        with pytest.raises(argparse.ArgumentTypeError, match="preset|N"):
+            parse_preset(bad)
+
+
+def test_cases_run_floor_first_in_given_preset_order():
+    args = build_parser().parse_args(
+        ["--out", "x", "--preset", "llama:8192,2048", "gemma:8192", "--impl", "liger", "xla", "matmul-floor"]
+    )
+    cases = build_cases(args)
+    assert [(c.problem.preset, c.problem.n, c.impl) for c in cases] == [
+        ("llama", 8192, "matmul-floor"),
+        ("llama", 8192, "xla"),
+        ("llama", 8192, "liger"),
+        ("llama", 2048, "matmul-floor"),
+        ("llama", 2048, "xla"),
+        ("llama", 2048, "liger"),
+        ("gemma", 8192, "matmul-floor"),
+        ("gemma", 8192, "xla"),
+        ("gemma", 8192, "liger"),
+    ]
+    gemma = cases[-1].problem
+    assert (gemma.hidden_teacher, gemma.hidden_student, gemma.vocab) == (3840, 1152, 262144)
+    assert Case.from_json(cases[0].to_json()) == cases[0]
+    assert cases[0].problem.flops() == 2 * 8192 * 128256 * (4096 + 3 * 2048)
+
+
+def test_zero_time_budget_gives_skipped_rows(tmp_path, capsys):
+    assert main(["--preset", "tiny:64", "--out", str(tmp_path), "--time-budget", "0"]) == 0
+    rows = report.read_rows(tmp_path)
+    assert len(rows) == len(IMPLEMENTATIONS) and all(r["status"] == "skipped" for r in rows)
+    assert all(r["reason"] == "time budget spent" for r in rows if r["impl"] != "liger")
+    assert "| tiny | 64 | xla | skipped: time budget spent |" in capsys.readouterr().out
+
+
+def test_case_timeout_kills_the_worker(tmp_path):
+    row = Runner(tmp_path, time_budget=None, case_timeout=0.2).run(Case(tiny_problem(), "xla"))
+    assert row["status"] == "timeout"
+
+
+def test_planned_out_of_memory_is_a_row(monkeypatch):
+    monkeypatch.setattr(suite, "memory_stats", lambda: {"bytes_limit": 1024, "bytes_in_use": 0})
+    row = suite.run_case(Case(tiny_problem(), "reference"))
+    assert row["status"] == "OOM" and "PlannedOOM" in row["reason"]
+
+
+def test_is_oom():
+    assert is_oom("XlaRuntimeError: RESOURCE_EXHAUSTED: Out of memory while trying to allocate")
+    assert is_oom("torch.OutOfMemoryError: CUDA out of memory.")
+    assert not is_oom(ValueError("bad shape"))
+
+
+def test_inputs_are_deterministic_and_drawn_in_slabs(monkeypatch):
+    monkeypatch.setattr(suite, "SLAB_ELEMENTS", 3000)  # several slabs and a ragged tail
+    problem = tiny_problem(n=50, ignore_fraction=0.2, seed=3)
+    a, b = suite.make_inputs(problem, with_dlogits=True), suite.make_inputs(problem, with_dlogits=True)
+    assert {k: v.shape for k, v in a.items()} == {
+        "student_hidden": (50, 32),
+        "student_weight": (32, 1000),
+        "teacher_hidden": (50, 64),
+        "teacher_weight": (64, 1000),
+        "dlogits": (50, 1000),
+        "labels": (50,),
+    }
+    for key in a:
+        np.testing.assert_array_equal(np.asarray(a[key]), np.asarray(b[key]))
+    weight = np.asarray(a["student_weight"], np.float32)
+    assert len(np.unique(weight[:, :8], axis=0)) == 32  # slabs differ from each other
+    assert weight.std() == pytest.approx(suite.LOGIT_STD / np.sqrt(32), rel=0.1)
+    labels = np.asarray(a["labels"])
+    assert ((labels == -100) | ((labels >= 0) & (labels < 1000))).all() and (labels == -100).any()
+
+
+def synthetic_row(preset, n, impl, status="ok", ms=1.0, extra=None, reason=None):
+    row = {
+        "schema": 1,
+        "date": "2026-11-28T00:00:00+00:00",
+        "git_sha": "abc",
+        "impl": impl,
+        "status": status,
+        "reason": reason,
+        "config": {**dataclasses.asdict(tiny_problem(n)), "preset": preset, "warmup": 2, "iters": 10},
+        "env": {"device": "NVIDIA H200", "backend": "gpu", "jax": "0.11.2"},
+        "memory": {} if extra is None else {"extra_bytes": extra, "xla_temp_bytes": extra // 2},
+        "errors": {},
+    }
+    if status == "ok":
+        row.update(
+            vg_ms={"median": ms, "p10": 0.9 * ms, "p90": 1.2 * ms},
+            fwd_ms={"median": ms / 2, "p10": ms / 3, "p90": ms},
+            compile_s={"vg": 1.5, "fwd": None},
+            tflops=500.0,
+            tokens_per_s=1e6,
+        )
+    return row
+
+
+def test_markdown_and_plots_from_rows(tmp_path):
+    rows = [
+        synthetic_row("llama", 2048, "matmul-floor", ms=8.0, extra=3 * 10**9),
+        synthetic_row("llama", 2048, "xla", ms=10.0, extra=10**9),
+        synthetic_row("llama", 8192, "matmul-floor", ms=32.0, extra=12 * 10**9),
+        synthetic_row("llama", 8192, "xla", ms=40.0, extra=2 * 10**9),
+        synthetic_row("llama", 8192, "reference", status="OOM", reason="RESOURCE_EXHAUSTED | 84 GB"),
+        synthetic_row("gemma", 8192, "liger", status="skipped", reason="not installed: torch"),
+    ]
+    for row in rows:
+        report.append_row(tmp_path, row)
+    text = report.render(tmp_path)
+    assert text == (tmp_path / report.TABLE_FILE).read_text()
+    lines = [line for line in text.splitlines() if line.startswith("| llama") or line.startswith("| gemma")]
+    assert len(lines) == len(rows)
+    assert "| llama | 8192 | xla | ok | 40.00 (36.00–48.00) | 20.00 | 1.25 |" in text
+    assert "| llama | 8192 | reference | OOM: RESOURCE_EXHAUSTED / 84 GB |" in text
+    assert "NVIDIA H200" in text
+    for name in (report.TIME_PLOT_FILE, report.MEMORY_PLOT_FILE):
+        assert (tmp_path / name).read_bytes()[:8] == PNG_SIGNATURE
+    floors = report.floor_medians(rows)
+    assert [report.ratio_to_floor(r, floors) for r in rows] == [1.0, 1.25, 1.0, 1.25, None, None]
+
+
+def test_replot_rebuilds_from_rows(tmp_path, capsys):
+    report.append_row(tmp_path, synthetic_row("qwen", 4096, "xla"))
+    assert main(["--out", str(tmp_path), "--replot"]) == 0
+    assert "| qwen | 4096 | xla | ok |" in capsys.readouterr().out
+    assert json.loads((tmp_path / report.ROWS_FILE).read_text())["impl"] == "xla"
