@@ -135,20 +135,23 @@ def _divergence_row(kind, tiling, hyper, label, s_ref, t_ref, soft_ref, hard_ref
         ep = _masked(mask, jnp.exp2(dp))
         shift_q, shift_p = (ms - ms_new) * c, (mt - mt_new) * c  # ≤ 0: old terms move by these
         alpha_q, alpha_u, alpha_p = jnp.exp2(shift_q), jnp.exp2((ms - ms_new) * _LOG2E), jnp.exp2(shift_p)
+        # The sums are per-lane (block_v,) accumulators, reduced once after the sweep: the only
+        # cross-warp reductions inside the loop are the two maxima.
         if kind == _FORWARD_KL:  # Σ e_p·(dp − dq); old terms gain shift_p − shift_q
-            kl_acc = alpha_p * (kl_acc + sum_p * (shift_p - shift_q)) + jnp.sum(ep * (dp - dq))
+            kl_acc = alpha_p * (kl_acc + sum_p * (shift_p - shift_q)) + ep * (dp - dq)
         elif kind == _REVERSE_KL:  # Σ e_q·(dq − dp)
-            kl_acc = alpha_q * (kl_acc + sum_q * (shift_q - shift_p)) + jnp.sum(eq * (dq - dp))
-        sum_q = sum_q * alpha_q + jnp.sum(eq)
-        sum_u = sum_u * alpha_u + jnp.sum(eu)
-        sum_p = sum_p * alpha_p + jnp.sum(ep)
+            kl_acc = alpha_q * (kl_acc + sum_q * (shift_q - shift_p)) + eq * (dq - dp)
+        sum_q = sum_q * alpha_q + eq
+        sum_u = sum_u * alpha_u + eu
+        sum_p = sum_p * alpha_p + ep
         return ms_new, mt_new, sum_q, sum_u, sum_p, kl_acc
 
     # Start the running maxima at column 0 (a finite lower bound of the row max), so every
     # rescale factor and shift is finite from the first tile on.
-    zero = jnp.float32(0.0)
-    init = (s_ref[0].astype(jnp.float32), t_ref[0].astype(jnp.float32), zero, zero, zero, zero)
-    ms, mt, sum_q, sum_u, sum_p, kl_acc = tiling.sweep(stats, init)
+    lanes = jnp.zeros((tiling.block_v,), jnp.float32)
+    init = (s_ref[0].astype(jnp.float32), t_ref[0].astype(jnp.float32), lanes, lanes, lanes, lanes)
+    ms, mt, *lane_sums = tiling.sweep(stats, init)
+    sum_q, sum_u, sum_p, kl_acc = (jnp.sum(x) for x in lane_sums)
     log2_sum_q = jnp.log(sum_q) * _LOG2E
     log2_sum_p = jnp.log(sum_p) * _LOG2E
     log2_sum_u = jnp.log(sum_u) * _LOG2E
@@ -185,11 +188,11 @@ def _divergence_row(kind, tiling, hyper, label, s_ref, t_ref, soft_ref, hard_ref
                 tiling.load(s_ref, start, mask, "evict_last"), tiling.load(t_ref, start, mask, "evict_last")
             )
             q, p, log2_m = mixture(lq, lp)
-            kl_pm = kl_pm + jnp.sum(_masked(mask, p) * (lp - log2_m))
-            kl_qm = kl_qm + jnp.sum(_masked(mask, q) * (lq - log2_m))
+            kl_pm = kl_pm + _masked(mask, p) * (lp - log2_m)
+            kl_qm = kl_qm + _masked(mask, q) * (lq - log2_m)
             return kl_pm, kl_qm
 
-        kl_pm, kl_qm = tiling.sweep(mixture_kls, (zero, zero))
+        kl_pm, kl_qm = (jnp.sum(x) for x in tiling.sweep(mixture_kls, (lanes, lanes)))
         soft = _LN2 * (beta * kl_pm + (1.0 - beta) * kl_qm)
     soft_ref[...] = soft
 
