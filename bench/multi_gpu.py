@@ -1,0 +1,346 @@
+"""Data-parallel benchmark of the fused loss: ``python -m bench.multi_gpu --out DIR [--tiny]``.
+
+On all D visible devices it times the value-and-gradients step of the distillation LM head
+(student and teacher hidden states → fused loss → gradients of the student hidden states and
+LM head, the weight gradient all-reduced over the devices) in three ways:
+
+* ``1-device``: ``jax.jit`` on the first device over the whole global batch (D × N tokens);
+* ``pmap``: ``jax.pmap`` over the D devices, N tokens each, loss with ``axis_name``;
+* ``sharded_jit``: ``jax.jit`` with ``NamedSharding`` (tokens sharded, weights replicated) and
+  the loss per device in ``shard_map`` (:func:`jaxdistill.training.shard_mapped_head_loss`).
+
+Every variant uses the default implementation (the Pallas kernel on GPU, the XLA chunked path
+elsewhere) on the same inputs. It checks that the D-device loss and gradients equal the
+1-device ones (float32: 1e-5 relative to the largest entry; bf16: 4 bf16 epsilons, since the
+weight gradient is summed over devices in bf16), that the compiled D-device steps contain no
+all-gather, and counts the transposed copies of a tied (V, H) embedding head in the compiled
+1-device step. Times: warm-up, then ``--iters`` calls each timed to ``block_until_ready``;
+median and p10/p90. Prints a table and writes ``DIR/multi_gpu.json``.
+
+Default size (per device): N = 8192 tokens, student H = 2048, teacher H = 4096, V = 128256,
+bf16. ``--tiny``: N = 64, H = 16/24, V = 257, float32, chunk 16 (a CPU smoke test, e.g. with
+``XLA_FLAGS=--xla_force_host_platform_device_count=4``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import platform
+import re
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from bench.suite import percentiles_ms, time_calls
+from jaxdistill.fused import resolve_implementation
+from jaxdistill.heads import LMHead
+from jaxdistill.training import DistillConfig, shard_mapped_head_loss
+
+AXIS = "data"
+COLLECTIVES = ("all-gather", "all-reduce", "all-to-all", "collective-permute", "reduce-scatter")
+
+
+@dataclasses.dataclass(frozen=True)
+class Size:
+    tokens_per_device: int
+    hidden_student: int
+    hidden_teacher: int
+    vocab: int
+    dtype: str
+    chunk_size: int | None = None
+    ignore_fraction: float = 0.1
+
+
+FULL = Size(tokens_per_device=8192, hidden_student=2048, hidden_teacher=4096, vocab=128256, dtype="bfloat16")
+TINY = Size(tokens_per_device=64, hidden_student=16, hidden_teacher=24, vocab=257, dtype="float32", chunk_size=16)
+CONFIG = dict(beta=0.5, temperature=1.0, soft_weight=1.0, hard_weight=0.5)
+
+
+def collectives(hlo_text: str) -> list[str]:
+    """Names of the cross-device collectives in a compiled HLO module."""
+    return sorted(set(re.findall(r"\b(" + "|".join(COLLECTIVES) + r")(?:-start)?\(", hlo_text)))
+
+
+_COMPUTATION = re.compile(r"^(ENTRY )?%?([\w.\-]+) .*\{$")
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = \w+\[([\d,]*)\]\S* (\w[\w\-]*)\(")
+
+
+def weight_sized_copies(hlo_text: str, rows: int, cols: int) -> dict:
+    """Copies/transposes of a (rows, cols) or (cols, rows) array in a compiled HLO module.
+
+    Counts instructions whose output has that shape and that are a ``copy`` or ``transpose``,
+    or a fusion named after one (XLA names fusions after the ops they fuse), split into those
+    in the entry computation (once per call) and those in while-loop bodies (once per chunk).
+    Returns ``{"per_call": int, "per_chunk": int, "names": [...]}``.
+    """
+    bodies = set(re.findall(r"body=%?([\w.\-]+)", hlo_text))
+    shapes = {f"{rows},{cols}", f"{cols},{rows}"}
+    counts, names, current = {"per_call": 0, "per_chunk": 0}, [], None
+    for line in hlo_text.splitlines():
+        header = _COMPUTATION.match(line)
+        if header:
+            current = "entry" if header.group(1) else header.group(2)
+            continue
+        match = _INSTRUCTION.match(line)
+        if not match or current is None or match.group(2) not in shapes:
+            continue
+        name, _, opcode = match.groups()
+        is_copy = opcode in ("copy", "transpose") or (opcode == "fusion" and ("copy" in name or "transpose" in name))
+        if is_copy and (current == "entry" or current in bodies):
+            counts["per_call" if current == "entry" else "per_chunk"] += 1
+            names.append(name)
+    return dict(counts, names=names)
+
+
+def draw_inputs(size: Size, mesh: Mesh, seed: int = 0) -> dict:
+    """Global inputs: tokens sharded over the mesh (D × N rows), weights replicated on every device.
+
+    x ~ N(0, 1); W ~ N(0, 4/H) (logits of std ≈ 2); labels uniform with ``ignore_fraction``
+    ignored (-100), so every device has a different number of valid tokens.
+    """
+    n = size.tokens_per_device * mesh.size
+    dtype = jnp.dtype(size.dtype)
+    rows, replicated = NamedSharding(mesh, P(AXIS)), NamedSharding(mesh, P())
+
+    def draw():
+        k = jax.random.split(jax.random.key(seed), 6)
+
+        def normal(key, shape, scale):
+            return (jax.random.normal(key, shape, jnp.float32) * scale).astype(dtype)
+
+        labels = jax.random.randint(k[4], (n,), 0, size.vocab, jnp.int32)
+        ignored = jax.random.uniform(k[5], (n,)) < size.ignore_fraction
+        return {
+            "student_hidden": normal(k[0], (n, size.hidden_student), 1.0),
+            "student_weight": normal(k[1], (size.hidden_student, size.vocab), 2 / math.sqrt(size.hidden_student)),
+            "teacher_hidden": normal(k[2], (n, size.hidden_teacher), 1.0),
+            "teacher_weight": normal(k[3], (size.hidden_teacher, size.vocab), 2 / math.sqrt(size.hidden_teacher)),
+            "labels": jnp.where(ignored, -100, labels),
+        }
+
+    out_shardings = {
+        "student_hidden": rows,
+        "student_weight": replicated,
+        "teacher_hidden": rows,
+        "teacher_weight": replicated,
+        "labels": rows,
+    }
+    return jax.block_until_ready(jax.jit(draw, out_shardings=out_shardings)())
+
+
+def _per_device_stack(x: jax.Array, devices) -> jax.Array:
+    """A sharded-by-rows (or replicated) global array as pmap's (D, ...) input, without moving data."""
+    by_device = {shard.device: shard for shard in x.addressable_shards}
+    shards = [by_device[d].data for d in devices]
+    stacked = [s.reshape((1, *s.shape)) for s in shards]
+    sharding = NamedSharding(Mesh(np.asarray(devices), ("devices",)), P("devices"))
+    return jax.make_array_from_single_device_arrays((len(devices), *shards[0].shape), sharding, stacked)
+
+
+def build_steps(size: Size, mesh: Mesh, inputs: dict) -> dict:
+    """{variant: (callable, args)}; each returns (loss, grad_student_hidden, grad_student_weight)."""
+    config = DistillConfig(**CONFIG, chunk_size=size.chunk_size)
+    devices = list(mesh.devices.flat)
+
+    def value_and_grads(head_loss):
+        def loss(xs, ws, xt, wt, y):
+            return head_loss(xs, LMHead(ws), xt, LMHead(wt), y)[0]
+
+        return jax.value_and_grad(loss, argnums=(0, 1))
+
+    def single(xs, ws, xt, wt, y):
+        loss, (gx, gw) = value_and_grads(config.head_loss)(xs, ws, xt, wt, y)
+        return loss, gx, gw
+
+    def per_device(xs, ws, xt, wt, y):
+        head_loss = lambda *a: config.head_loss(*a, axis_name=AXIS)  # noqa: E731
+        loss, (gx, gw) = value_and_grads(head_loss)(xs, ws, xt, wt, y)
+        return jax.lax.psum(loss, AXIS), gx, jax.lax.psum(gw, AXIS)
+
+    def sharded(xs, ws, xt, wt, y):
+        loss, (gx, gw) = value_and_grads(shard_mapped_head_loss(mesh, config=config, axis_name=AXIS))(xs, ws, xt, wt, y)
+        return loss, gx, gw
+
+    names = ("student_hidden", "student_weight", "teacher_hidden", "teacher_weight", "labels")
+    args = tuple(inputs[k] for k in names)
+    first = devices[0]
+    single_args = tuple(jax.device_put(a, first) for a in args)
+    steps = {"1-device": (jax.jit(single), single_args)}
+    if len(devices) > 1:
+        steps["pmap"] = (jax.pmap(per_device, axis_name=AXIS), tuple(_per_device_stack(a, devices) for a in args))
+        rows, replicated = NamedSharding(mesh, P(AXIS)), NamedSharding(mesh, P())
+        in_shardings = (rows, replicated, rows, replicated, rows)
+        steps["sharded_jit"] = (
+            jax.jit(sharded, in_shardings=in_shardings, out_shardings=(replicated, rows, replicated)),
+            args,
+        )
+    return steps
+
+
+def _as_single(variant: str, result):
+    """(loss, grad_x (D·N, Hs), grad_W) as host float32 arrays, whatever the variant's layout."""
+    loss, gx, gw = (np.asarray(jax.device_get(r)).astype(np.float32) for r in result)
+    if variant == "pmap":
+        loss, gx, gw = loss[0], gx.reshape(-1, gx.shape[-1]), gw[0]
+    return loss, gx, gw
+
+
+def max_rel_diff(got: np.ndarray, want: np.ndarray) -> float:
+    """max|got − want| / max|want|."""
+    return float(np.max(np.abs(got - want)) / max(float(np.max(np.abs(want))), 1e-30))
+
+
+def tied_head_copies(size: Size, device) -> dict:
+    """Compile (not run) the 1-device step with the student head tied to a (V, Hs) embedding and
+    count weight-sized transposed copies (see :func:`weight_sized_copies`)."""
+    config = DistillConfig(**CONFIG, chunk_size=size.chunk_size)
+    n = size.tokens_per_device
+    dtype = jnp.dtype(size.dtype)
+    shapes = (
+        jax.ShapeDtypeStruct((n, size.hidden_student), dtype),
+        jax.ShapeDtypeStruct((size.vocab, size.hidden_student), dtype),
+        jax.ShapeDtypeStruct((n, size.hidden_teacher), dtype),
+        jax.ShapeDtypeStruct((size.hidden_teacher, size.vocab), dtype),
+        jax.ShapeDtypeStruct((n,), jnp.int32),
+    )
+
+    def loss(xs, table, xt, wt, y):
+        return config.head_loss(xs, LMHead(table, vocab_major=True), xt, LMHead(wt), y)[0]
+
+    with jax.default_device(device):
+        text = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(*shapes).compile().as_text()
+    return weight_sized_copies(text, size.vocab, size.hidden_student)
+
+
+def run(size: Size, *, warmup: int, iters: int) -> dict:
+    devices = jax.devices()
+    mesh = Mesh(np.asarray(devices), (AXIS,))
+    inputs = draw_inputs(size, mesh)
+    steps = build_steps(size, mesh, inputs)
+    valid_per_device = np.asarray(inputs["labels"] != -100).reshape(len(devices), -1).sum(axis=1)
+    tolerance = 1e-5 if size.dtype == "float32" else 4 * float(jnp.finfo(jnp.dtype(size.dtype)).eps)
+
+    rows, want = [], None
+    for variant, (fn, args) in steps.items():
+        compiled = fn.lower(*args).compile()
+        seconds, result = time_calls(lambda c=compiled, a=args: c(*a), warmup=warmup, iters=iters)
+        got = _as_single(variant, result)
+        del result
+        times = percentiles_ms(seconds)
+        row = {
+            "variant": variant,
+            "devices": 1 if variant == "1-device" else len(devices),
+            "tokens_per_device": size.tokens_per_device * (len(devices) if variant == "1-device" else 1),
+            "median_ms": times["median"],
+            "p10_ms": times["p10"],
+            "p90_ms": times["p90"],
+            "global_tokens_per_s": size.tokens_per_device * len(devices) / (times["median"] / 1e3),
+            "loss": float(got[0]),
+            "collectives": collectives(compiled.as_text()),
+        }
+        if want is None:
+            want = got
+        else:
+            diffs = {
+                "loss": abs(float(got[0]) - float(want[0])) / max(abs(float(want[0])), 1e-30),
+                "grad_student_hidden": max_rel_diff(got[1], want[1]),
+                "grad_student_weight": max_rel_diff(got[2], want[2]),
+            }
+            row["max_rel_diff_vs_1_device"] = diffs
+            row["matches_1_device"] = all(d <= tolerance for d in diffs.values())
+        rows.append(row)
+
+    stats = [d.memory_stats() or {} for d in devices]
+    return {
+        "size": dataclasses.asdict(size),
+        "config": CONFIG,
+        "implementation": resolve_implementation(None),
+        "num_devices": len(devices),
+        "device_kind": devices[0].device_kind,
+        "platform": devices[0].platform,
+        "jax_version": jax.__version__,
+        "python": platform.python_version(),
+        "valid_tokens_per_device": valid_per_device.tolist(),
+        "tolerance": tolerance,
+        "warmup": warmup,
+        "iters": iters,
+        "rows": rows,
+        "peak_bytes_in_use_per_device": [s.get("peak_bytes_in_use") for s in stats],
+        "tied_student_head_transposed_copies": tied_head_copies(size, devices[0]),
+    }
+
+
+def table(result: dict) -> str:
+    head = [
+        "variant",
+        "devices",
+        "tokens/device",
+        "median ms",
+        "p10 ms",
+        "p90 ms",
+        "Mtok/s",
+        "matches 1-dev",
+        "all-gather",
+    ]
+    lines = [" | ".join(head), " | ".join("---" for _ in head)]
+    for r in result["rows"]:
+        lines.append(
+            " | ".join(
+                [
+                    r["variant"],
+                    str(r["devices"]),
+                    str(r["tokens_per_device"]),
+                    f"{r['median_ms']:.2f}",
+                    f"{r['p10_ms']:.2f}",
+                    f"{r['p90_ms']:.2f}",
+                    f"{r['global_tokens_per_s'] / 1e6:.3f}",
+                    "—" if "matches_1_device" not in r else ("yes" if r["matches_1_device"] else "NO"),
+                    "yes" if "all-gather" in r["collectives"] else "no",
+                ]
+            )
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.multi_gpu", description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, required=True, help="directory for multi_gpu.json")
+    parser.add_argument("--tiny", action="store_true", help="tiny float32 problem (CPU smoke test)")
+    parser.add_argument("--tokens-per-device", type=int)
+    parser.add_argument("--vocab", type=int)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--iters", type=int, default=20)
+    args = parser.parse_args(argv)
+    if args.iters < 10 and not args.tiny:
+        parser.error("--iters must be ≥ 10")
+    size = TINY if args.tiny else FULL
+    overrides = {"tokens_per_device": args.tokens_per_device, "vocab": args.vocab}
+    size = dataclasses.replace(size, **{k: v for k, v in overrides.items() if v is not None})
+    warmup, iters = (1, 3) if args.tiny else (args.warmup, args.iters)
+
+    result = run(size, warmup=warmup, iters=iters)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "multi_gpu.json").write_text(json.dumps(result, indent=2))
+    print(
+        f"{result['num_devices']} × {result['device_kind']} ({result['implementation']}), jax {result['jax_version']}; "
+        f"{size.tokens_per_device} tokens/device, Hs {size.hidden_student}, Ht {size.hidden_teacher}, "
+        f"V {size.vocab}, {size.dtype}; valid tokens per device {result['valid_tokens_per_device']}"
+    )
+    print(table(result))
+    copies = result["tied_student_head_transposed_copies"]
+    print(f"tied (V, Hs) student head, transposed copies in the 1-device step: {copies}")
+    print(f"wrote {args.out / 'multi_gpu.json'}")
+    ok = all(r.get("matches_1_device", True) and "all-gather" not in r["collectives"] for r in result["rows"])
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

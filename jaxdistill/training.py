@@ -1,0 +1,332 @@
+"""Distillation training with Flax NNX + optax, on one device and data-parallel over many.
+
+The step distills a student :class:`~jaxdistill.transformer.TransformerLM` (or any NNX module
+with ``hidden_states(tokens)`` and ``lm_head``) from a frozen teacher of the same kind:
+
+1. the student's final hidden states come from its own forward pass, so the gradient of the
+   fused loss w.r.t. ``student_hidden`` flows back through the whole student;
+2. the teacher's hidden states and head are ``stop_gradient``-ed (its forward still runs);
+3. :func:`jaxdistill.heads.fused_head_loss` computes the loss and the head gradients without
+   materializing the (tokens, V) logits;
+4. ``nnx.value_and_grad`` gives the gradients of every student parameter, and an
+   ``nnx.Optimizer`` (optax) applies them.
+
+Single device (documented example)::
+
+    import optax
+    from flax import nnx
+    from jaxdistill.training import DistillConfig, train_step
+    from jaxdistill.transformer import TransformerLM
+
+    student = TransformerLM(vocab_size=V, d_model=256, n_layers=4, n_heads=4, d_ff=1024,
+                            max_len=L, tie_embeddings=True, rngs=nnx.Rngs(0))
+    teacher = ...  # a trained TransformerLM (any d_model), same vocabulary
+    optimizer = nnx.Optimizer(student, optax.adamw(3e-4), wrt=nnx.Param)
+    config = DistillConfig(beta=0.5, temperature=1.0, hard_weight=0.5)
+    step = nnx.jit(train_step, static_argnames="config")
+    for batch in batches:  # {"inputs": (B, L) int32, "labels": (B, L) int32, -100 = ignored}
+        metrics = step(student, teacher, optimizer, batch, config=config)
+
+Data parallel (batch split over devices, parameters replicated, one gradient all-reduce; the
+fused loss runs on each device's own tokens and divides by the *global* valid-token count via
+its ``axis_name``, so every variant computes exactly the single-device step on the whole batch):
+
+- :func:`make_pmap_step`: ``jax.pmap`` over a leading device axis;
+- :func:`make_shard_map_step`: ``jax.jit`` of ``jax.shard_map`` over a 1-D ``Mesh``;
+- :func:`make_sharded_jit_step`: ``jax.jit`` with ``NamedSharding`` (batch sharded, weights
+  replicated): the model is partitioned by XLA, and the loss runs per device inside a
+  ``shard_map`` (:func:`shard_mapped_head_loss`), so no logits or hidden states are gathered.
+  The same step runs unchanged across processes/hosts after ``jax.distributed.initialize()``.
+
+All three work on the functional form of the modules: ``graphdef, state = nnx.split((student,
+teacher, optimizer))``; each returns ``step(state, batch) -> (state, metrics)``, and
+``nnx.update((student, teacher, optimizer), state)`` writes the result back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+
+import jax
+import numpy as np
+from flax import nnx
+from jax import lax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from jaxdistill import reference
+from jaxdistill.fused import fused_linear_jsd_loss
+from jaxdistill.heads import LMHead, fused_head_loss
+
+__all__ = [
+    "DistillConfig",
+    "data_mesh",
+    "distillation_loss",
+    "functional_loss_and_grads",
+    "functional_train_step",
+    "loss_and_grads",
+    "make_pmap_step",
+    "make_shard_map_step",
+    "make_sharded_jit_step",
+    "replicate",
+    "shard_mapped_head_loss",
+    "train_step",
+]
+
+# A head loss: (student_hidden, student_head, teacher_hidden, teacher_head, labels) -> (loss, metrics).
+HeadLoss = Callable[[jax.Array, LMHead, jax.Array, LMHead, jax.Array], tuple[jax.Array, dict]]
+
+
+@dataclasses.dataclass(frozen=True)
+class DistillConfig:
+    """Options of the distillation loss (hashable: pass it as a static argument).
+
+    Attributes:
+      beta, temperature, soft_weight, hard_weight, ignore_index, chunk_size, implementation:
+        as in :func:`jaxdistill.fused_linear_jsd_loss`.
+      reference: use the unfused :func:`jaxdistill.reference.fused_linear_jsd_loss` instead
+        (materialized logits; for tests and comparisons). ``chunk_size`` and
+        ``implementation`` must then be None.
+    """
+
+    beta: float = 0.5
+    temperature: float = 1.0
+    soft_weight: float = 1.0
+    hard_weight: float = 0.0
+    ignore_index: int = -100
+    chunk_size: int | None = None
+    implementation: str | None = None
+    reference: bool = False
+
+    def __post_init__(self):
+        if self.reference and (self.chunk_size is not None or self.implementation is not None):
+            raise ValueError("`chunk_size` and `implementation` do not apply to the reference loss")
+
+    def head_loss(self, student_hidden, student_head, teacher_hidden, teacher_head, labels, *, axis_name=None):
+        """The loss on two heads; returns ``(loss, metrics)``.
+
+        ``metrics`` has ``soft_loss``, ``hard_loss`` (unweighted, reduced like the loss, no
+        gradient) and ``num_valid_tokens``. With ``axis_name`` the loss, soft and hard values
+        are this device's shares (their psum over the axis is the global value) and
+        ``num_valid_tokens`` is global.
+        """
+        kwargs = dict(
+            beta=self.beta,
+            temperature=self.temperature,
+            soft_weight=self.soft_weight,
+            hard_weight=self.hard_weight,
+            ignore_index=self.ignore_index,
+            axis_name=axis_name,
+            return_aux=True,
+        )
+        if self.reference:
+            loss_fn = reference.fused_linear_jsd_loss
+        else:
+            loss_fn = fused_linear_jsd_loss
+            kwargs.update(chunk_size=self.chunk_size, implementation=self.implementation)
+        return fused_head_loss(
+            student_hidden, student_head, teacher_hidden, teacher_head, labels, loss_fn=loss_fn, **kwargs
+        )
+
+
+def distillation_loss(student, teacher, batch, *, config: DistillConfig, axis_name=None, head_loss=None):
+    """The distillation loss of ``student`` against the frozen ``teacher`` on one batch.
+
+    Args:
+      student: NNX module with ``hidden_states(tokens) -> (B, L, Hs)`` and ``lm_head`` (an
+        :class:`~jaxdistill.heads.LMHead`), e.g. a :class:`~jaxdistill.transformer.TransformerLM`.
+      teacher: same interface (hidden size Ht, same vocabulary); gets no gradient.
+      batch: dict with ``"inputs"`` (B, L) int tokens and ``"labels"`` (B, L) int next-token
+        ids (``config.ignore_index`` = not a target).
+      config: DistillConfig.
+      axis_name: inside ``pmap``/``shard_map``: the data axis (loss = this device's share).
+      head_loss: replaces ``config.head_loss`` (e.g. :func:`shard_mapped_head_loss`).
+
+    Returns:
+      (loss, metrics): float32 scalar and the dict of :meth:`DistillConfig.head_loss`.
+    """
+    if head_loss is None:
+        head_loss = functools.partial(config.head_loss, axis_name=axis_name)
+    student_hidden = student.hidden_states(batch["inputs"])
+    teacher_hidden = lax.stop_gradient(teacher.hidden_states(batch["inputs"]))
+    teacher_head = jax.tree.map(lax.stop_gradient, teacher.lm_head)
+    return head_loss(student_hidden, student.lm_head, teacher_hidden, teacher_head, batch["labels"])
+
+
+def loss_and_grads(student, teacher, batch, *, config: DistillConfig, axis_name=None, head_loss=None):
+    """Metrics and gradients of every student ``nnx.Param`` (the teacher's are not computed).
+
+    With ``axis_name`` (inside ``pmap``/``shard_map(check_vma=False)``) the loss, metrics and
+    gradients are ``psum``-ed over the axis, so every device holds the global values.
+
+    Returns:
+      (metrics, grads): metrics = {"loss", "soft_loss", "hard_loss", "num_valid_tokens"};
+      grads: an ``nnx.State`` shaped like ``nnx.state(student, nnx.Param)``.
+    """
+
+    def loss_fn(student):
+        return distillation_loss(student, teacher, batch, config=config, axis_name=axis_name, head_loss=head_loss)
+
+    (loss, metrics), grads = nnx.value_and_grad(loss_fn, has_aux=True)(student)
+    metrics = dict(metrics, loss=loss)
+    if axis_name is not None:
+        shares = {k: metrics[k] for k in ("loss", "soft_loss", "hard_loss")}
+        shares, grads = lax.psum((shares, grads), axis_name)
+        metrics.update(shares)
+    return metrics, grads
+
+
+def train_step(
+    student, teacher, optimizer: nnx.Optimizer, batch, *, config: DistillConfig, axis_name=None, head_loss=None
+):
+    """One optimizer step of ``student`` (updated in place with ``optimizer``); returns the metrics.
+
+    Wrap it with ``nnx.jit(train_step, static_argnames="config")``. Arguments as
+    :func:`loss_and_grads`; ``optimizer`` is an ``nnx.Optimizer(student, tx, wrt=nnx.Param)``.
+    """
+    metrics, grads = loss_and_grads(student, teacher, batch, config=config, axis_name=axis_name, head_loss=head_loss)
+    optimizer.update(student, grads)
+    return metrics
+
+
+def functional_train_step(graphdef, state, batch, *, config: DistillConfig, axis_name=None, head_loss=None):
+    """:func:`train_step` on the split form ``graphdef, state = nnx.split((student, teacher, optimizer))``.
+
+    Returns:
+      (new_state, metrics); a pure function, for ``jit``/``pmap``/``shard_map``.
+    """
+    student, teacher, optimizer = nnx.merge(graphdef, state)
+    metrics = train_step(student, teacher, optimizer, batch, config=config, axis_name=axis_name, head_loss=head_loss)
+    return nnx.state((student, teacher, optimizer)), metrics
+
+
+def functional_loss_and_grads(graphdef, state, batch, *, config: DistillConfig, axis_name=None, head_loss=None):
+    """:func:`loss_and_grads` on the split form (the optimizer in ``state``, if any, is unused).
+
+    Returns:
+      (metrics, grads), as :func:`loss_and_grads`; e.g. for gradient accumulation.
+    """
+    student, teacher, *_ = nnx.merge(graphdef, state)
+    return loss_and_grads(student, teacher, batch, config=config, axis_name=axis_name, head_loss=head_loss)
+
+
+def data_mesh(devices=None, axis_name: str = "data") -> Mesh:
+    """A 1-D mesh over ``devices`` (default: all devices of all processes), with an automatic (GSPMD) axis."""
+    return Mesh(np.asarray(jax.devices() if devices is None else devices), (axis_name,))
+
+
+def replicate(tree, devices=None):
+    """One copy of every leaf on each device, stacked on a new leading axis: the input layout of ``pmap``.
+
+    Each device receives its copy straight from the host (no ``num_devices``-fold stack on one
+    device). ``devices`` defaults to ``jax.local_devices()``, the devices ``pmap`` maps over.
+    """
+    devices = jax.local_devices() if devices is None else list(devices)
+    sharding = NamedSharding(Mesh(np.asarray(devices), ("devices",)), P("devices"))
+
+    def copies(x):
+        host = np.asarray(x)[None]
+        return jax.make_array_from_callback((len(devices), *host.shape[1:]), sharding, lambda _: host)
+
+    return jax.tree.map(copies, tree)
+
+
+def make_pmap_step(graphdef, *, config: DistillConfig, axis_name: str = "data", step_fn=functional_train_step):
+    """Data-parallel step with ``jax.pmap``.
+
+    Args:
+      graphdef: from ``graphdef, state = nnx.split((student, teacher, optimizer))``.
+      config: DistillConfig. axis_name: the pmap axis name.
+      step_fn: :func:`functional_train_step`, or :func:`functional_loss_and_grads` (then the
+        step returns ``(metrics, grads)`` instead of ``(state, metrics)``).
+
+    Returns:
+      ``step(state, batch) -> (state, metrics)``: ``state`` replicated with a leading device
+      axis (:func:`replicate`), every batch leaf (D, B/D, L); metrics are global (identical on
+      every device, leading axis D).
+    """
+    step = functools.partial(step_fn, graphdef, config=config, axis_name=axis_name)
+    return jax.pmap(step, axis_name=axis_name)
+
+
+def make_shard_map_step(
+    graphdef, mesh: Mesh, *, config: DistillConfig, axis_name: str = "data", step_fn=functional_train_step
+):
+    """Data-parallel step: ``jax.jit(jax.shard_map(...))`` over ``mesh`` (the batch split on ``axis_name``).
+
+    ``check_vma=False``: gradients are summed over the axis explicitly (as in ``pmap``).
+    Arguments as :func:`make_pmap_step`.
+
+    Returns:
+      ``step(state, batch) -> (state, metrics)``: ``state`` replicated, batch leaves (B, L)
+      with B divisible by the axis size; metrics replicated and global.
+    """
+    step = functools.partial(step_fn, graphdef, config=config, axis_name=axis_name)
+    mapped = jax.shard_map(step, mesh=mesh, in_specs=(P(), P(axis_name)), out_specs=(P(), P()), check_vma=False)
+    return jax.jit(mapped)
+
+
+def shard_mapped_head_loss(mesh: Mesh, *, config: DistillConfig, axis_name: str = "data") -> HeadLoss:
+    """``config.head_loss`` run per device with ``shard_map`` inside a (GSPMD-partitioned) ``jit``.
+
+    Hidden states and labels are split on their leading (batch) axis over ``axis_name``, the
+    heads replicated; each device computes the fused loss on its own rows with the global
+    valid-token count. Returns the global loss and metrics (replicated); differentiating
+    through it gives the global gradients (summed over devices for the replicated heads).
+    """
+
+    def per_device(student_hidden, student_head, teacher_hidden, teacher_head, labels):
+        loss, metrics = config.head_loss(
+            student_hidden, student_head, teacher_hidden, teacher_head, labels, axis_name=axis_name
+        )
+        shares = {"loss": loss, "soft_loss": metrics["soft_loss"], "hard_loss": metrics["hard_loss"]}
+        shares = lax.psum(shares, axis_name)
+        return shares.pop("loss"), dict(metrics, **shares)
+
+    batch_spec = P(axis_name)
+    return jax.shard_map(
+        per_device,
+        mesh=mesh,
+        in_specs=(batch_spec, P(), batch_spec, P(), batch_spec),
+        out_specs=(P(), P()),
+        check_vma=False,
+    )
+
+
+def make_sharded_jit_step(
+    graphdef,
+    mesh: Mesh,
+    *,
+    config: DistillConfig,
+    axis_name: str = "data",
+    step_fn=functional_train_step,
+    donate: bool = False,
+):
+    """Data-parallel step: ``jax.jit`` with ``NamedSharding`` (batch sharded on ``axis_name``, state replicated).
+
+    XLA partitions the transformer; the loss runs per device through
+    :func:`shard_mapped_head_loss`. Works across processes (multi-host) unchanged: build
+    the global batch with ``jax.make_array_from_process_local_data``.
+
+    Args:
+      graphdef: from ``nnx.split((student, teacher, optimizer))``. mesh: e.g. :func:`data_mesh`.
+      config: DistillConfig. axis_name: the mesh axis the batch is split over.
+      step_fn: as in :func:`make_pmap_step`.
+      donate: donate the input state's buffers to the output state.
+
+    Returns:
+      ``step(state, batch) -> (state, metrics)``; the returned state and metrics are replicated.
+      With ``donate``, the input ``state`` must not be used again.
+    """
+    replicated = NamedSharding(mesh, P())
+    batch_sharding = NamedSharding(mesh, P(axis_name))
+    head_loss = shard_mapped_head_loss(mesh, config=config, axis_name=axis_name)
+    step = functools.partial(step_fn, graphdef, config=config, head_loss=head_loss)
+    return jax.jit(
+        step,
+        in_shardings=(replicated, batch_sharding),
+        out_shardings=(replicated, replicated),
+        donate_argnums=(0,) if donate else (),
+    )
