@@ -104,6 +104,31 @@ def _chunked(x, chunk_size, fill):
     return x.reshape((n_chunks, chunk_size) + x.shape[1:])
 
 
+def _varying_axes(*arrays) -> tuple[str, ...]:
+    """Mesh axes over which any of ``arrays`` varies (non-empty only in shard_map with check_vma)."""
+    axes = set()
+    for a in arrays:
+        if a is not None:
+            axes |= jax.typeof(a).manual_axis_type.varying
+    return tuple(sorted(axes))
+
+
+def _like_primal(cotangent, primal):
+    """Give ``cotangent`` the varying axes of ``primal``, as autodiff would under shard_map.
+
+    A replicated primal (e.g. the weight) whose cotangent varies over the data axis gets the
+    ``psum`` of it; a varying primal with a replicated cotangent gets a ``pcast``. Outside
+    ``shard_map(check_vma=True)`` both sets are empty and this is the identity.
+    """
+    have = jax.typeof(cotangent).manual_axis_type.varying
+    want = jax.typeof(primal).manual_axis_type.varying
+    if extra := tuple(sorted(have - want)):
+        cotangent = lax.psum(cotangent, extra)
+    if missing := tuple(sorted(want - have)):
+        cotangent = lax.pcast(cotangent, missing, to="varying")
+    return cotangent
+
+
 def _scan_losses_and_grads(plan, x_s, w_s, b_s, x_t, w_t, b_t, labels, hyper):
     """Σ losses over valid rows and the gradients of Σ_rows ℓ, chunk by chunk.
 
@@ -142,6 +167,9 @@ def _scan_losses_and_grads(plan, x_s, w_s, b_s, x_t, w_t, b_t, labels, hyper):
         jnp.zeros((hidden_s, vocab), jnp.float32),
         None if b_s is None else jnp.zeros((vocab,), jnp.float32),
     )
+    axes = _varying_axes(x_s, w_s, b_s, x_t, w_t, b_t, labels, hyper)
+    if axes:  # inside shard_map(check_vma=True) the carry varies like the chunk results do
+        init = jax.tree.map(lambda z: lax.pcast(z, axes, to="varying"), init)
     (soft_sum, hard_sum, grad_w, grad_b), grad_x = lax.scan(body, init, xs)
     return soft_sum, hard_sum, grad_x.reshape(-1, hidden_s)[:n_rows], grad_w, grad_b
 
@@ -172,14 +200,14 @@ def _fused_sums_bwd(plan, residuals, cotangents):
     # d/d(soft_weight) and d/d(hard_weight) are exact; β and T are not differentiable (NaN).
     grad_hyper = g * jnp.stack([nan, nan, soft_sum, hard_sum])
     return (
-        (g * grad_x).astype(x_s.dtype),
-        (g * grad_w).astype(w_s.dtype),
-        None if grad_b is None else (g * grad_b).astype(b_s.dtype),
+        _like_primal((g * grad_x).astype(x_s.dtype), x_s),
+        _like_primal((g * grad_w).astype(w_s.dtype), w_s),
+        None if grad_b is None else _like_primal((g * grad_b).astype(b_s.dtype), b_s),
         jnp.zeros_like(x_t),
         jnp.zeros_like(w_t),
         None if b_t is None else jnp.zeros_like(b_t),
         None,
-        grad_hyper.astype(hyper.dtype),
+        _like_primal(grad_hyper.astype(hyper.dtype), hyper),
     )
 
 

@@ -118,5 +118,7 @@ def test_rows_are_isolated(beta, vocab, config, dtype):
         alone = run(student[i : i + 1].copy(), teacher[i : i + 1], labels[i : i + 1])
         for name, a, r in zip(("soft", "hard", "dlogits"), alone, reference, strict=True):
             a, r = np.asarray(a.astype(jnp.float32)), np.asarray(r.astype(jnp.float32))
-            # A one-row launch is another compile: allow a float32-rounding-level difference.
-            np.testing.assert_allclose(a[0], r[i], rtol=1e-6, atol=1e-7, err_msg=f"{name}: row {i} alone")
+            # A one-row launch is another compile: allow a rounding-level difference (float32
+            # math, then one ulp of the output dtype: a bf16 dlogit may round the other way).
+            rtol = 2.0**-7 if name == "dlogits" and dtype == jnp.bfloat16 else 1e-6
+            np.testing.assert_allclose(a[0], r[i], rtol=rtol, atol=1e-7, err_msg=f"{name}: row {i} alone")
