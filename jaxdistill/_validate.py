@@ -9,6 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 
 REDUCTIONS = ("mean", "sum")
+# "hv": (H, V), the Flax Dense / nnx.Linear kernel. "vh": (V, H), an nnx.Embed table (tied head)
+# or a PyTorch Linear weight.
+WEIGHT_LAYOUTS = ("hv", "vh")
 
 
 def concrete_float(value, name: str) -> float | None:
@@ -30,11 +33,13 @@ class FlatInputs:
     """Validated inputs with leading dims flattened to N rows.
 
     Attributes:
+      vocab_size: V.
       student_hidden: (N, Hs). teacher_hidden: (N, Ht).
       labels: (N,) int32. valid: (N,) bool, ``labels != ignore_index`` AND ``where``.
       beta, temperature: the scalars as given (floats or traced arrays).
     """
 
+    vocab_size: int
     student_hidden: jax.Array
     teacher_hidden: jax.Array
     labels: jax.Array
@@ -42,10 +47,36 @@ class FlatInputs:
     beta: object
     temperature: object
 
-    def any_bad_label(self, vocab_size: int) -> jax.Array:
-        """True when a valid row's label lies outside [0, vocab_size)."""
-        out_of_range = (self.labels < 0) | (self.labels >= vocab_size)
+    def any_bad_label(self) -> jax.Array:
+        """True when a valid row's label lies outside [0, V)."""
+        out_of_range = (self.labels < 0) | (self.labels >= self.vocab_size)
         return jnp.any(self.valid & out_of_range)
+
+    def reduce(self, total, soft_sum, hard_sum, *, reduction, axis_name, return_aux):
+        """The loss (and aux) from sums over the valid rows; shared by the fused path and the reference.
+
+        ``"mean"`` divides by max(1, valid-token count), psum-ed over ``axis_name`` when given.
+        A bad label or a bad traced β/T makes the loss and the aux parts NaN. The aux parts are
+        ``stop_gradient``-ed.
+
+        Args:
+          total: scalar Σ soft_weight·JSD + hard_weight·CE. soft_sum, hard_sum: scalar Σ JSD, Σ CE.
+        """
+        count = jnp.sum(self.valid.astype(jnp.int32))
+        if axis_name is not None:
+            count = jax.lax.psum(count, axis_name)
+        dtype = jnp.result_type(total)
+        denominator = jnp.maximum(count, 1).astype(dtype) if reduction == "mean" else jnp.ones((), dtype)
+        poison = jnp.where(self.any_bad_label() | self.bad_hyper(), jnp.nan, 1.0).astype(dtype)
+        loss = total * poison / denominator
+        if not return_aux:
+            return loss
+        aux = {
+            "soft_loss": jax.lax.stop_gradient(soft_sum * poison / denominator),
+            "hard_loss": jax.lax.stop_gradient(hard_sum * poison / denominator),
+            "num_valid_tokens": count,
+        }
+        return loss, aux
 
     def bad_hyper(self) -> jax.Array:
         """True when a traced β is outside [0, 1] or a traced T is not > 0 (concrete ones raise)."""
@@ -53,22 +84,30 @@ class FlatInputs:
         return ~((beta >= 0) & (beta <= 1) & (temperature > 0))
 
 
-def _check_matrix(x, name: str) -> None:
-    if jnp.ndim(x) != 2:
-        raise ValueError(f"`{name}` must be 2-D (H, V), got shape {jnp.shape(x)}")
-    if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
-        raise TypeError(f"`{name}` must be floating, got {jnp.result_type(x)}")
+def weight_sizes(weight, layout: str, name: str) -> tuple[int, int]:
+    """(H, V) of a 2-D floating LM-head weight stored in ``layout`` ("hv" or "vh").
+
+    Raises:
+      ValueError, TypeError: unknown layout, not 2-D, or not floating.
+    """
+    if layout not in WEIGHT_LAYOUTS:
+        raise ValueError(f"`{name}_layout` must be one of {WEIGHT_LAYOUTS}, got {layout!r}")
+    if jnp.ndim(weight) != 2:
+        raise ValueError(f"`{name}` must be 2-D ({layout[0].upper()}, {layout[1].upper()}), got {jnp.shape(weight)}")
+    if not jnp.issubdtype(jnp.result_type(weight), jnp.floating):
+        raise TypeError(f"`{name}` must be floating, got {jnp.result_type(weight)}")
+    rows, cols = jnp.shape(weight)
+    return (rows, cols) if layout == "hv" else (cols, rows)
 
 
-def _check_hidden(x, weight, name: str, weight_name: str) -> None:
+def _check_hidden(x, hidden_size: int, name: str, weight_name: str) -> None:
     if jnp.ndim(x) < 1:
         raise ValueError(f"`{name}` must have shape (..., H), got a scalar")
     if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
         raise TypeError(f"`{name}` must be floating, got {jnp.result_type(x)}")
-    if jnp.shape(x)[-1] != jnp.shape(weight)[0]:
+    if jnp.shape(x)[-1] != hidden_size:
         raise ValueError(
-            f"`{name}` hidden size {jnp.shape(x)[-1]} does not match `{weight_name}` "
-            f"shape {jnp.shape(weight)} (expected (H, V) with H = {jnp.shape(x)[-1]})"
+            f"`{name}` hidden size {jnp.shape(x)[-1]} does not match the hidden size {hidden_size} of `{weight_name}`"
         )
 
 
@@ -95,21 +134,23 @@ def validate_and_flatten(
     ignore_index,
     where,
     reduction,
+    return_aux=False,
+    student_weight_layout="hv",
+    teacher_weight_layout="hv",
 ) -> FlatInputs:
     """Check shapes, dtypes and options (see :func:`jaxdistill.fused_linear_jsd_loss`).
 
     Raises:
       ValueError, TypeError: with a message naming the offending argument.
     """
-    _check_matrix(student_weight, "student_weight")
-    _check_matrix(teacher_weight, "teacher_weight")
-    _check_hidden(student_hidden, student_weight, "student_hidden", "student_weight")
-    _check_hidden(teacher_hidden, teacher_weight, "teacher_hidden", "teacher_weight")
-    vocab_size = jnp.shape(student_weight)[1]
-    if jnp.shape(teacher_weight)[1] != vocab_size:
+    hidden_s, vocab_size = weight_sizes(student_weight, student_weight_layout, "student_weight")
+    hidden_t, teacher_vocab = weight_sizes(teacher_weight, teacher_weight_layout, "teacher_weight")
+    _check_hidden(student_hidden, hidden_s, "student_hidden", "student_weight")
+    _check_hidden(teacher_hidden, hidden_t, "teacher_hidden", "teacher_weight")
+    if teacher_vocab != vocab_size:
         raise ValueError(
             f"student vocabulary ({vocab_size}, `student_weight` {jnp.shape(student_weight)}) "
-            f"and teacher vocabulary ({jnp.shape(teacher_weight)[1]}, `teacher_weight` "
+            f"and teacher vocabulary ({teacher_vocab}, `teacher_weight` "
             f"{jnp.shape(teacher_weight)}) must match"
         )
     _check_bias(student_bias, vocab_size, "student_bias")
@@ -120,8 +161,9 @@ def validate_and_flatten(
             f"`teacher_hidden` leading dims {jnp.shape(teacher_hidden)[:-1]} do not match "
             f"`student_hidden` leading dims {lead}"
         )
-    if not jnp.issubdtype(jnp.result_type(labels), jnp.integer):
-        raise TypeError(f"`labels` must be integer, got {jnp.result_type(labels)}")
+    if not jnp.issubdtype(jnp.result_type(labels), jnp.signedinteger):
+        # Unsigned labels cannot hold a negative ignore_index and wrap in comparisons.
+        raise TypeError(f"`labels` must be a signed integer array, got {jnp.result_type(labels)}")
     if jnp.shape(labels) != lead:
         raise ValueError(f"`labels` shape {jnp.shape(labels)} must equal the leading dims {lead} of the hidden states")
     if where is not None:
@@ -129,16 +171,18 @@ def validate_and_flatten(
             raise ValueError(f"`where` shape {jnp.shape(where)} must equal `labels` shape {lead}")
         if jnp.result_type(where) != jnp.bool_:
             raise TypeError(f"`where` must be boolean, got {jnp.result_type(where)}")
+    if not isinstance(return_aux, bool):
+        raise TypeError(f"`return_aux` must be a bool, got {type(return_aux).__name__}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"`reduction` must be one of {REDUCTIONS}, got {reduction!r}")
-    if not isinstance(ignore_index, (int, np.integer)):
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, (int, np.integer)):
         raise TypeError(f"`ignore_index` must be a Python int, got {type(ignore_index).__name__}")
     beta_value = concrete_float(beta, "beta")
     if beta_value is not None and not 0.0 <= beta_value <= 1.0:
         raise ValueError(f"`beta` must lie in [0, 1], got {beta_value}")
     temperature_value = concrete_float(temperature, "temperature")
-    if temperature_value is not None and not temperature_value > 0.0:
-        raise ValueError(f"`temperature` must be > 0, got {temperature_value}")
+    if temperature_value is not None and not 0.0 < temperature_value < float("inf"):
+        raise ValueError(f"`temperature` must be finite and > 0, got {temperature_value}")
 
     n_rows = int(np.prod(lead, dtype=np.int64))
     flat_labels = jnp.reshape(labels, (n_rows,))
@@ -148,6 +192,7 @@ def validate_and_flatten(
     if where is not None:
         valid = valid & jnp.reshape(where, (n_rows,))
     return FlatInputs(
+        vocab_size=vocab_size,
         student_hidden=jnp.reshape(student_hidden, (n_rows, jnp.shape(student_hidden)[-1])),
         teacher_hidden=jnp.reshape(teacher_hidden, (n_rows, jnp.shape(teacher_hidden)[-1])),
         labels=flat_labels,

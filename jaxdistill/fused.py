@@ -17,6 +17,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from jaxdistill import rowmath
@@ -60,15 +61,22 @@ class FusedPlan:
       implementation: ``"xla"`` or ``"pallas"``.
       kernel_config: block sizes / warps / stages of the Pallas kernel (None for ``"xla"``).
       interpret: run the Pallas kernel in interpret mode (non-GPU backends).
+      student_weight_layout, teacher_weight_layout: ``"hv"`` ((H, V) kernel) or ``"vh"``
+        ((V, H) table, e.g. a tied embedding), contracted in place without a transpose.
     """
 
     chunk_size: int
     implementation: str
     kernel_config: RowKernelConfig | None = None
     interpret: bool = False
+    student_weight_layout: str = "hv"
+    teacher_weight_layout: str = "hv"
 
     def __post_init__(self):
-        if not isinstance(self.chunk_size, int) or self.chunk_size <= 0:
+        if isinstance(self.chunk_size, bool) or not isinstance(self.chunk_size, (int, np.integer)):
+            raise ValueError(f"`chunk_size` must be a positive int, got {self.chunk_size!r}")
+        object.__setattr__(self, "chunk_size", int(self.chunk_size))
+        if self.chunk_size <= 0:
             raise ValueError(f"`chunk_size` must be a positive int, got {self.chunk_size!r}")
         if self.implementation not in IMPLEMENTATIONS:
             raise ValueError(f"`implementation` must be one of {IMPLEMENTATIONS}, got {self.implementation!r}")
@@ -88,9 +96,19 @@ class FusedPlan:
         )
 
 
-def _logits(hidden, weight, bias):
-    """(C, H) @ (H, V) (+ (V,)) → (C, V) float32."""
-    z = jnp.matmul(hidden, weight, preferred_element_type=jnp.float32)
+def _contract(a, b, a_dim: int, b_dim: int):
+    """Σ over a's ``a_dim`` and b's ``b_dim`` of two 2-D arrays, float32 accumulation."""
+    return lax.dot_general(a, b, (((a_dim,), (b_dim,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def _hidden_dim(layout: str) -> int:
+    """Index of the hidden dimension H of a weight stored in ``layout``."""
+    return 0 if layout == "hv" else 1
+
+
+def _logits(hidden, weight, bias, layout):
+    """(C, H) · weight (+ (V,)) → (C, V) float32, weight (H, V) or (V, H) by ``layout``."""
+    z = _contract(hidden, weight, 1, _hidden_dim(layout))
     return z if bias is None else z + bias.astype(jnp.float32)
 
 
@@ -133,13 +151,14 @@ def _scan_losses_and_grads(plan, x_s, w_s, b_s, x_t, w_t, b_t, labels, hyper):
     """Σ losses over valid rows and the gradients of Σ_rows ℓ, chunk by chunk.
 
     Args:
-      plan: FusedPlan. x_s: (N, Hs). w_s: (Hs, V). b_s: (V,) or None. x_t: (N, Ht).
-      w_t: (Ht, V). b_t: (V,) or None. labels: (N,) int32 in [0, V), −1 = ignored.
+      plan: FusedPlan. x_s: (N, Hs). w_s: (Hs, V) or (V, Hs) by the plan's layout.
+      b_s: (V,) or None. x_t: (N, Ht). w_t: (Ht, V) or (V, Ht). b_t: (V,) or None.
+      labels: (N,) int32 in [0, V), −1 = ignored.
       hyper: (4,) float32 [β, T, soft_weight, hard_weight].
 
     Returns:
       (soft_sum, hard_sum) float32 scalars, grad_x (N, Hs) float32 (one rounding to the
-      activation dtype happens after the cotangent scaling), grad_W (Hs, V) float32,
+      activation dtype happens after the cotangent scaling), grad_W float32 in w_s's layout,
       grad_b (V,) float32 or None.
     """
     n_rows, hidden_s = x_s.shape
@@ -149,23 +168,25 @@ def _scan_losses_and_grads(plan, x_s, w_s, b_s, x_t, w_t, b_t, labels, hyper):
     def body(carry, chunk_inputs):
         soft_acc, hard_acc, grad_w, grad_b = carry
         x_s_c, x_t_c, labels_c = chunk_inputs
-        z_s = _logits(x_s_c, w_s, b_s)
-        z_t = _logits(x_t_c, w_t, b_t)
+        z_s = _logits(x_s_c, w_s, b_s, plan.student_weight_layout)
+        z_t = _logits(x_t_c, w_t, b_t, plan.teacher_weight_layout)
         soft_rows, hard_rows, dlogits = plan.distill_rows(z_s, z_t, labels_c, hyper, dlogits_dtype=x_s.dtype)
-        grad_x_c = lax.dot_general(dlogits, w_s, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-        grad_w = grad_w + lax.dot_general(x_s_c, dlogits, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+        grad_x_c = _contract(dlogits, w_s, 1, 1 - _hidden_dim(plan.student_weight_layout))
+        if plan.student_weight_layout == "hv":
+            grad_w = grad_w + _contract(x_s_c, dlogits, 0, 0)
+        else:
+            grad_w = grad_w + _contract(dlogits, x_s_c, 0, 0)
         if grad_b is not None:
             grad_b = grad_b + jnp.sum(dlogits, axis=0, dtype=jnp.float32)
         carry = (soft_acc + jnp.sum(soft_rows), hard_acc + jnp.sum(hard_rows), grad_w, grad_b)
         return carry, grad_x_c
 
-    vocab = w_s.shape[1]
     zero = jnp.zeros((), jnp.float32)
     init = (
         zero,
         zero,
-        jnp.zeros((hidden_s, vocab), jnp.float32),
-        None if b_s is None else jnp.zeros((vocab,), jnp.float32),
+        jnp.zeros(w_s.shape, jnp.float32),
+        None if b_s is None else jnp.zeros(b_s.shape, jnp.float32),
     )
     axes = _varying_axes(x_s, w_s, b_s, x_t, w_t, b_t, labels, hyper)
     if axes:  # inside shard_map(check_vma=True) the carry varies like the chunk results do
@@ -234,6 +255,8 @@ def fused_linear_jsd_loss(
     axis_name=None,
     implementation=None,
     kernel_config=None,
+    student_weight_layout="hv",
+    teacher_weight_layout="hv",
     return_aux=False,
 ):
     """Distillation loss of a student LM head against a teacher LM head, fused and chunked.
@@ -253,9 +276,11 @@ def fused_linear_jsd_loss(
 
     Args:
       student_hidden: (..., Hs) floating, the student's final hidden states.
-      student_weight: (Hs, V) floating, the student LM head (Flax ``Dense`` kernel layout).
+      student_weight: (Hs, V) floating, the student LM head (Flax ``Dense`` kernel layout), or
+        (V, Hs) with ``student_weight_layout="vh"``.
       teacher_hidden: (..., Ht) floating, same leading dims; Ht may differ from Hs.
-      teacher_weight: (Ht, V) floating, the teacher LM head.
+      teacher_weight: (Ht, V) floating, the teacher LM head, or (V, Ht) with
+        ``teacher_weight_layout="vh"``.
       labels: (...) integer next-token ids. A valid label outside [0, V) makes the loss
         (and its gradients) NaN, so it cannot pass unnoticed; it is never read out of bounds.
       student_bias, teacher_bias: optional (V,) biases.
@@ -275,6 +300,10 @@ def fused_linear_jsd_loss(
         (on a non-GPU backend the kernel runs in interpret mode: slow, for tests).
       kernel_config: optional :class:`pallas_kernels.RowKernelConfig` for ``"pallas"``;
         None → :func:`pallas_kernels.default_row_kernel_config`.
+      student_weight_layout, teacher_weight_layout: ``"hv"`` (default; (H, V), the
+        ``nnx.Linear``/``nn.Dense`` kernel) or ``"vh"`` ((V, H): the ``nnx.Embed`` table of a
+        tied head, or a PyTorch ``Linear`` weight). A "vh" weight is contracted in place: no
+        transposed copy of it, nor of its gradient (returned in the same (V, H) layout).
       return_aux: also return a dict with ``soft_loss`` (JSD_β) and ``hard_loss`` (CE), both
         unweighted and reduced like the loss, and ``num_valid_tokens`` (global when
         ``axis_name`` is set). The aux values carry no gradient (``stop_gradient``).
@@ -313,11 +342,14 @@ def fused_linear_jsd_loss(
         ignore_index=ignore_index,
         where=where,
         reduction=reduction,
+        return_aux=return_aux,
+        student_weight_layout=student_weight_layout,
+        teacher_weight_layout=teacher_weight_layout,
     )
     concrete_float(soft_weight, "soft_weight")
     concrete_float(hard_weight, "hard_weight")
     implementation = resolve_implementation(implementation)
-    vocab = student_weight.shape[1]
+    vocab = a.vocab_size
     if chunk_size is None:
         chunk_size = default_chunk_size(vocab)
     if implementation == "pallas":
@@ -332,6 +364,8 @@ def fused_linear_jsd_loss(
         implementation=implementation,
         kernel_config=kernel_config,
         interpret=jax.default_backend() != "gpu",
+        student_weight_layout=student_weight_layout,
+        teacher_weight_layout=teacher_weight_layout,
     )
 
     # Rows the kernel sees: a label in [0, V) for valid rows, −1 for ignored ones.
@@ -348,17 +382,4 @@ def fused_linear_jsd_loss(
         kernel_labels,
         hyper,
     )
-    count = jnp.sum(a.valid.astype(jnp.int32))
-    if axis_name is not None:
-        count = lax.psum(count, axis_name)
-    denominator = jnp.maximum(count, 1).astype(jnp.float32) if reduction == "mean" else jnp.float32(1)
-    poison = jnp.where(a.any_bad_label(vocab) | a.bad_hyper(), jnp.nan, 1.0).astype(jnp.float32)
-    loss = total * poison / denominator
-    if not return_aux:
-        return loss
-    aux = {
-        "soft_loss": lax.stop_gradient(soft_sum * poison / denominator),
-        "hard_loss": lax.stop_gradient(hard_sum * poison / denominator),
-        "num_valid_tokens": count,
-    }
-    return loss, aux
+    return a.reduce(total, soft_sum, hard_sum, reduction=reduction, axis_name=axis_name, return_aux=return_aux)

@@ -7,12 +7,11 @@
 - tied to the input embedding: ``nnx.Embed(V, H)`` (table (V, H)), logits = x Eᵀ.
 
 :class:`LMHead` holds either form together with its layout; :func:`lm_head` builds one from an
-NNX module, and :func:`fused_head_loss` is the fused loss on two heads. A tied head is passed
-to the loss as ``E.T`` (the fused loss takes (H, V) kernels). Under ``jit`` that costs, on
-XLA:CPU, one transposed copy of the table per step and one of its gradient, outside the loop
-over chunks (never per chunk; ``tests/test_heads.py`` checks both, and
-``python -m bench.multi_gpu`` reports the count on GPU). Removing them needs a vocab-major
-weight option in :func:`jaxdistill.fused_linear_jsd_loss`.
+NNX module, and :func:`fused_head_loss` is the fused loss on two heads. A tied head's (V, H)
+table goes to the loss as it is, with ``*_weight_layout="vh"``: the chunk matmuls contract it in
+place, so no transposed copy of the table or of its gradient is ever made
+(``tests/test_heads.py`` checks the compiled step; ``python -m bench.multi_gpu`` reports the
+count on GPU).
 
 Linen models: build the head from the parameter arrays, e.g.
 ``LMHead(params["lm_head"]["kernel"], params["lm_head"].get("bias"))`` or
@@ -64,6 +63,11 @@ class LMHead:
     @property
     def vocab_size(self) -> int:
         return self.weight.shape[0 if self.vocab_major else 1]
+
+    @property
+    def layout(self) -> str:
+        """The ``*_weight_layout`` of :func:`jaxdistill.fused_linear_jsd_loss`: "vh" or "hv"."""
+        return "vh" if self.vocab_major else "hv"
 
     @property
     def kernel(self) -> jax.Array:
@@ -131,8 +135,8 @@ def fused_head_loss(
       student_hidden: (..., Hs) floating. student_head: LMHead with hidden size Hs.
       teacher_hidden: (..., Ht) floating. teacher_head: LMHead with hidden size Ht, same V.
       labels: (...) integer.
-      loss_fn: the loss taking (H, V) kernels; :func:`jaxdistill.reference.fused_linear_jsd_loss`
-        gives the unfused reference.
+      loss_fn: :func:`jaxdistill.fused_linear_jsd_loss` or
+        :func:`jaxdistill.reference.fused_linear_jsd_loss` (the unfused reference).
       **loss_kwargs: keyword options of :func:`jaxdistill.fused_linear_jsd_loss` (``beta``,
         ``temperature``, ``soft_weight``, ``hard_weight``, ``ignore_index``, ``where``,
         ``reduction``, ``chunk_size``, ``axis_name``, ``implementation``, ...), except the biases.
@@ -151,16 +155,18 @@ def fused_head_loss(
       >>> grads.weight.shape
       (100, 16)
     """
-    for name in ("student_bias", "teacher_bias"):
+    for name in ("student_bias", "teacher_bias", "student_weight_layout", "teacher_weight_layout"):
         if name in loss_kwargs:
-            raise TypeError(f"pass `{name}` as the LMHead's bias, not as a keyword")
+            raise TypeError(f"`{name}` comes from the LMHead, not from a keyword")
     return loss_fn(
         student_hidden,
-        student_head.kernel,
+        student_head.weight,
         teacher_hidden,
-        teacher_head.kernel,
+        teacher_head.weight,
         labels,
         student_bias=student_head.bias,
         teacher_bias=teacher_head.bias,
+        student_weight_layout=student_head.layout,
+        teacher_weight_layout=teacher_head.layout,
         **loss_kwargs,
     )

@@ -64,6 +64,8 @@ def fused_linear_jsd_loss(
     where=None,
     reduction="mean",
     axis_name=None,
+    student_weight_layout="hv",
+    teacher_weight_layout="hv",
     return_aux=False,
 ):
     """Reference of :func:`jaxdistill.fused_linear_jsd_loss` (same math, materialized logits).
@@ -84,13 +86,16 @@ def fused_linear_jsd_loss(
         ignore_index=ignore_index,
         where=where,
         reduction=reduction,
+        return_aux=return_aux,
+        student_weight_layout=student_weight_layout,
+        teacher_weight_layout=teacher_weight_layout,
     )
 
     def dot(x, w):  # float32 accumulation, or float64 for the upcast oracle
         return jnp.matmul(x, w, preferred_element_type=jnp.promote_types(x.dtype, jnp.float32))
 
-    z_s = dot(a.student_hidden, student_weight)
-    z_t = dot(a.teacher_hidden, teacher_weight)
+    z_s = dot(a.student_hidden, student_weight if student_weight_layout == "hv" else student_weight.T)
+    z_t = dot(a.teacher_hidden, teacher_weight if teacher_weight_layout == "hv" else teacher_weight.T)
     if student_bias is not None:
         z_s = z_s + student_bias.astype(z_s.dtype)
     if teacher_bias is not None:
@@ -104,20 +109,7 @@ def fused_linear_jsd_loss(
     safe_labels = jnp.clip(a.labels, 0, vocab - 1)
     hard = -jnp.take_along_axis(jax.nn.log_softmax(z_s, axis=-1), safe_labels[:, None], axis=-1)[:, 0]
 
-    valid = a.valid
-    soft_sum = jnp.sum(jnp.where(valid, soft, 0.0))
-    hard_sum = jnp.sum(jnp.where(valid, hard, 0.0))
-    count = jnp.sum(valid.astype(jnp.int32))
-    if axis_name is not None:
-        count = lax.psum(count, axis_name)
-    denominator = jnp.maximum(count, 1).astype(z_s.dtype) if reduction == "mean" else 1.0
-    poison = jnp.where(a.any_bad_label(vocab) | a.bad_hyper(), jnp.nan, 1.0).astype(z_s.dtype)
-    loss = (soft_weight * soft_sum + hard_weight * hard_sum) * poison / denominator
-    if not return_aux:
-        return loss
-    aux = {
-        "soft_loss": lax.stop_gradient(soft_sum / denominator),
-        "hard_loss": lax.stop_gradient(hard_sum / denominator),
-        "num_valid_tokens": count,
-    }
-    return loss, aux
+    soft_sum = jnp.sum(jnp.where(a.valid, soft, 0.0))
+    hard_sum = jnp.sum(jnp.where(a.valid, hard, 0.0))
+    total = soft_weight * soft_sum + hard_weight * hard_sum
+    return a.reduce(total, soft_sum, hard_sum, reduction=reduction, axis_name=axis_name, return_aux=return_aux)

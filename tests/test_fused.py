@@ -362,6 +362,12 @@ BAD_INPUTS = {
     "where-dtype": (dict(where=jnp.ones((10,), jnp.int32)), TypeError, "where"),
     "teacher-leading-dims": (dict(teacher_hidden=jnp.ones((11, 24))), ValueError, "teacher_hidden"),
     "beta-not-scalar": (dict(beta=jnp.ones((2,))), ValueError, "beta"),
+    "temperature-inf": (dict(temperature=float("inf")), ValueError, "temperature"),
+    "unsigned-labels": (dict(labels=jnp.zeros((10,), jnp.uint8)), TypeError, "labels"),
+    "ignore-index-bool": (dict(ignore_index=True), TypeError, "ignore_index"),
+    "return-aux-not-bool": (dict(return_aux="no"), TypeError, "return_aux"),
+    "chunk-bool": (dict(chunk_size=True), ValueError, "chunk_size"),
+    "weight-layout": (dict(student_weight_layout="kv"), ValueError, "student_weight_layout"),
 }
 
 
@@ -384,6 +390,39 @@ def test_bad_input_raises_at_trace_time_naming_the_argument(case):
     ]
     with pytest.raises(error, match=name):
         jax.jit(lambda *a: fused_linear_jsd_loss(*a, **kwargs)).trace(*positional_args)
-    if case not in ("implementation", "chunk-zero", "chunk-negative", "chunk-float"):
+    if case not in ("implementation", "chunk-zero", "chunk-negative", "chunk-float", "chunk-bool"):
         with pytest.raises(error, match=name):
             reference.fused_linear_jsd_loss(*positional_args, **kwargs)
+
+
+@pytest.mark.parametrize("layouts", [("vh", "hv"), ("hv", "vh"), ("vh", "vh")], ids=lambda x: f"{x[0]}-{x[1]}")
+def test_vocab_major_weights_match_the_oracle(layouts):
+    """(V, H) weights (a tied embedding) give the same loss and gradients, in their own layout."""
+    student_layout, teacher_layout = layouts
+    p = make_problem(n=21, vocab=123, seed=11)
+    ws = p.student_weight.T if student_layout == "vh" else p.student_weight
+    wt = p.teacher_weight.T if teacher_layout == "vh" else p.teacher_weight
+    options = dict(beta=0.5, temperature=2.0, hard_weight=0.5)
+    layout_options = dict(student_weight_layout=student_layout, teacher_weight_layout=teacher_layout)
+
+    def f(xs, ws):
+        return fused_linear_jsd_loss(
+            xs, ws, p.teacher_hidden, wt, p.labels, chunk_size=8, **biases(p), **options, **layout_options
+        )
+
+    loss, (g_x, g_w) = jax.value_and_grad(f, argnums=(0, 1))(p.student_hidden, ws)
+    want_loss, want_grads = oracle64(p, **options)
+    np.testing.assert_allclose(float(loss), want_loss, rtol=F32_LOSS_RTOL)
+    assert g_w.shape == ws.shape
+    assert relative_error(g_x, want_grads[0]) < F32_GRAD_RTOL
+    assert relative_error(g_w.T if student_layout == "vh" else g_w, want_grads[1]) < F32_GRAD_RTOL
+    ref = reference.fused_linear_jsd_loss(
+        p.student_hidden, ws, p.teacher_hidden, wt, p.labels, **biases(p), **options, **layout_options
+    )
+    np.testing.assert_allclose(float(ref), want_loss, rtol=F32_LOSS_RTOL)
+
+
+def test_numpy_integer_chunk_size_is_accepted():
+    p = make_problem(n=10, vocab=123)
+    got = fused_linear_jsd_loss(*positional(p), chunk_size=np.int64(4))
+    np.testing.assert_allclose(float(got), float(fused_linear_jsd_loss(*positional(p), chunk_size=4)), rtol=0)
