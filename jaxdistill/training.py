@@ -131,6 +131,13 @@ class DistillConfig:
         )
 
 
+def _psum_shares(metrics: dict, axis_name) -> dict:
+    """``metrics`` with the per-device shares Σ_local ℓ / N_global of the loss and of its soft
+    and hard parts summed over ``axis_name`` (giving the global means); other entries as given."""
+    shares = lax.psum({k: metrics[k] for k in ("loss", "soft_loss", "hard_loss")}, axis_name)
+    return dict(metrics, **shares)
+
+
 def distillation_loss(student, teacher, batch, *, config: DistillConfig, axis_name=None, head_loss=None):
     """The distillation loss of ``student`` against the frozen ``teacher`` on one batch.
 
@@ -172,9 +179,7 @@ def loss_and_grads(student, teacher, batch, *, config: DistillConfig, axis_name=
     (loss, metrics), grads = nnx.value_and_grad(loss_fn, has_aux=True)(student)
     metrics = dict(metrics, loss=loss)
     if axis_name is not None:
-        shares = {k: metrics[k] for k in ("loss", "soft_loss", "hard_loss")}
-        shares, grads = lax.psum((shares, grads), axis_name)
-        metrics.update(shares)
+        metrics, grads = _psum_shares(metrics, axis_name), lax.psum(grads, axis_name)
     return metrics, grads
 
 
@@ -281,9 +286,8 @@ def shard_mapped_head_loss(mesh: Mesh, *, config: DistillConfig, axis_name: str 
         loss, metrics = config.head_loss(
             student_hidden, student_head, teacher_hidden, teacher_head, labels, axis_name=axis_name
         )
-        shares = {"loss": loss, "soft_loss": metrics["soft_loss"], "hard_loss": metrics["hard_loss"]}
-        shares = lax.psum(shares, axis_name)
-        return shares.pop("loss"), dict(metrics, **shares)
+        metrics = _psum_shares(dict(metrics, loss=loss), axis_name)
+        return metrics.pop("loss"), metrics
 
     batch_spec = P(axis_name)
     return jax.shard_map(

@@ -59,7 +59,9 @@ class RowKernelConfig:
 def default_row_kernel_config(vocab_size: int, dtype, device_kind: str | None = None) -> RowKernelConfig:
     """The default :class:`RowKernelConfig` for a vocabulary size (the one tuning point).
 
-    Reasoning (to be replaced by the H200 sweep of ``bench/kernel_sweep.py``):
+    Reasoning (checked by the H200 sweep of ``bench/kernel_sweep.py`` on (1024, 128256), see
+    ``bench/results/2026-11-28-h200/NOTES.md``: block_v {4096, 8192} × warps {4, 8, 16} × stages
+    {1, 2} were all within ~10 % of each other, and this default at or near the best for β ∈ {0, 1}):
 
     * ``block_v = min(4096, next_pow2(vocab_size))``: the kernel streams two float32 rows, so a
       4096-column tile is 32 KiB of loads in flight per program per iteration, enough to cover

@@ -72,8 +72,9 @@ def test_tiny_rows_hold_timings_memory_and_errors(tiny_run):
         if row["impl"] == "matmul-floor":
             continue
         errors = row["errors"]
-        # bf16 inputs: gradients are rounded to bf16 (~4e-3 relative), the loss is float32.
-        assert errors["loss_rel"] < 1e-3 and errors["grad_x_rel"] < 2e-2 and errors["grad_w_rel"] < 2e-2, row
+        # bf16 inputs: gradients are rounded to bf16 (≤ 2^-9 relative each rounding; 1.6-1.8e-3
+        # measured on this preset), the loss is float32.
+        assert errors["loss_rel"] < 1e-5 and errors["grad_x_rel"] < 4e-3 and errors["grad_w_rel"] < 4e-3, row
         assert row["loss"] == pytest.approx(errors["reference_loss"], rel=1e-3)
 
 
