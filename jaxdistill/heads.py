@@ -1,7 +1,8 @@
 """LM-head adapters: the fused loss on Flax NNX, Linen or plain-array language-model heads.
 
-:func:`jaxdistill.fused_linear_jsd_loss` takes each head as an (H, V) weight (Flax ``Dense`` /
-``nnx.Linear`` kernel layout) and an optional (V,) bias. A language model's head is either
+:func:`jaxdistill.fused_linear_jsd_loss` takes each head as a weight, (H, V) (Flax ``Dense`` /
+``nnx.Linear`` kernel layout) or (V, H) (``*_weight_layout="vh"``), and an optional (V,) bias.
+A language model's head is either
 
 - an untied projection: ``nnx.Linear(H, V)`` (kernel (H, V), optional bias), or
 - tied to the input embedding: ``nnx.Embed(V, H)`` (table (V, H)), logits = x Eᵀ.
@@ -48,8 +49,8 @@ class LMHead:
     Example:
       >>> import jax.numpy as jnp
       >>> head = LMHead(jnp.ones((10, 4)), vocab_major=True)  # tied to a (V=10, H=4) embedding
-      >>> head.kernel.shape, head.logits(jnp.ones((2, 4))).shape
-      ((4, 10), (2, 10))
+      >>> head.layout, head.hidden_size, head.logits(jnp.ones((2, 4))).shape
+      ('vh', 4, (2, 10))
     """
 
     weight: jax.Array
@@ -68,11 +69,6 @@ class LMHead:
     def layout(self) -> str:
         """The ``*_weight_layout`` of :func:`jaxdistill.fused_linear_jsd_loss`: "vh" or "hv"."""
         return "vh" if self.vocab_major else "hv"
-
-    @property
-    def kernel(self) -> jax.Array:
-        """The (H, V) kernel the fused loss takes (a transpose of the table for a tied head)."""
-        return self.weight.T if self.vocab_major else self.weight
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """(..., H) → (..., V) float32 logits, materialized (for generation/evaluation, not the loss)."""

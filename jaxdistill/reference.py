@@ -1,8 +1,9 @@
 """The unfused reference: materialized logits, plain jnp, plain autodiff.
 
 It is the oracle of every test (upcast to float64 for accuracy checks) and the ``reference``
-row of the benchmark. It shares no code with the fused path except argument validation, so a
-mistake in the fused math cannot hide in both.
+row of the benchmark. It shares no math with the fused path: only argument validation and the
+final reduction over tokens (count, mean, NaN for bad labels), so a mistake in the fused math
+cannot hide in both.
 """
 
 from __future__ import annotations
