@@ -12,6 +12,10 @@ as the divergence allows:
   writes dlogits (3 exp2 + 1 log1p). 3 reads + 1 write.
 * ignored row (label < 0): one pass writing zeros, no reads.
 
+Consecutive passes over a row run in opposite directions (forward, backward, forward), so each
+pass starts on the tiles the previous one read last, the ones most likely still in L2 (H200,
+(1024, 128256) rows: −3 to −5 % at interior β; see ``bench/results/2026-11-28-h200-run2``).
+
 "stats" is the online max / sum-exp of the tempered student s' = z_s/T, the untempered student
 z_s (for the CE) and the tempered teacher t' = z_t/T: one shared max per input, one exp2 per
 stream. KL(P‖Q) and KL(Q‖P) need only those normalizers, so they accumulate online in the same
@@ -83,22 +87,36 @@ class _Tiling:
     def n_full(self) -> int:
         return self.vocab_size // self.block_v
 
-    def sweep(self, body, carry):
-        """Fold ``body(start, cols, mask, carry) -> carry`` over the row's tiles (mask None = full)."""
+    def sweep(self, body, carry, *, loads=(), eviction_policy=None, reverse=False):
+        """Fold ``body(start, cols, mask, tiles, carry) -> carry`` over the row's tiles.
+
+        ``tiles`` are the float32 tiles of the refs in ``loads`` at ``start`` (mask None = a
+        full tile). Forward: full tiles left to right, then the tail. ``reverse``: the tail,
+        then the full tiles right to left, so a pass that follows a forward pass starts on the
+        tiles that pass read last (the ones most likely still in L2), and vice versa.
+        """
         lanes = jnp.arange(self.block_v, dtype=jnp.int32)
+        n_full = self.n_full
 
-        def full_tile(t, c):
-            start = pl.multiple_of(t * self.block_v, self.block_v)
-            return body(start, start + lanes, None, c)
+        def full_tile(i, c):
+            tile = n_full - 1 - i if reverse else i
+            start = pl.multiple_of(tile * self.block_v, self.block_v)
+            tiles = tuple(self.load(ref, start, None, eviction_policy) for ref in loads)
+            return body(start, start + lanes, None, tiles, c)
 
-        if self.n_full:
-            carry = lax.fori_loop(0, self.n_full, full_tile, carry)
-        if self.vocab_size % self.block_v:
+        def full_tiles(c):
+            return lax.fori_loop(0, n_full, full_tile, c) if n_full else c
+
+        def tail_tile(c):
+            if not self.vocab_size % self.block_v:
+                return c
             start = max(self.vocab_size - self.block_v, 0)
             cols = start + lanes
-            mask = (cols >= self.n_full * self.block_v) & (cols < self.vocab_size)
-            carry = body(start, cols, mask, carry)
-        return carry
+            mask = (cols >= n_full * self.block_v) & (cols < self.vocab_size)
+            tiles = tuple(self.load(ref, start, mask, eviction_policy) for ref in loads)
+            return body(start, cols, mask, tiles, c)
+
+        return full_tiles(tail_tile(carry)) if reverse else tail_tile(full_tiles(carry))
 
     def load(self, ref, start, mask, eviction_policy):
         """One float32 tile of ``ref`` at ``start``; masked lanes read as 0 (finite, then masked)."""
@@ -122,10 +140,9 @@ def _divergence_row(kind, tiling, hyper, label, s_ref, t_ref, soft_ref, hard_ref
     beta, inv_t, soft_weight, hard_weight = hyper
     c = _LOG2E * inv_t  # tempered base-2 scale: log2 softmax(z/T) = (z − m)·c − log2 S
 
-    def stats(start, cols, mask, carry):
+    def stats(start, cols, mask, tiles, carry):
         ms, mt, sum_q, sum_u, sum_p, kl_acc = carry
-        s = tiling.load(s_ref, start, mask, "evict_last")
-        t = tiling.load(t_ref, start, mask, "evict_last")
+        s, t = tiles
         ms_new = jnp.maximum(ms, jnp.max(_masked(mask, s, -jnp.inf)))
         mt_new = jnp.maximum(mt, jnp.max(_masked(mask, t, -jnp.inf)))
         ds = s - ms_new
@@ -150,7 +167,7 @@ def _divergence_row(kind, tiling, hyper, label, s_ref, t_ref, soft_ref, hard_ref
     # rescale factor and shift is finite from the first tile on.
     lanes = jnp.zeros((tiling.block_v,), jnp.float32)
     init = (s_ref[0].astype(jnp.float32), t_ref[0].astype(jnp.float32), lanes, lanes, lanes, lanes)
-    ms, mt, *lane_sums = tiling.sweep(stats, init)
+    ms, mt, *lane_sums = tiling.sweep(stats, init, loads=(s_ref, t_ref), eviction_policy="evict_last")
     sum_q, sum_u, sum_p, kl_acc = (jnp.sum(x) for x in lane_sums)
     log2_sum_q = jnp.log(sum_q) * _LOG2E
     log2_sum_p = jnp.log(sum_p) * _LOG2E
@@ -182,17 +199,18 @@ def _divergence_row(kind, tiling, hyper, label, s_ref, t_ref, soft_ref, hard_ref
         soft = _LN2 * kl
     else:
 
-        def mixture_kls(start, cols, mask, carry):
+        def mixture_kls(start, cols, mask, tiles, carry):
             kl_pm, kl_qm = carry
-            lq, lp = log2_probs(
-                tiling.load(s_ref, start, mask, "evict_last"), tiling.load(t_ref, start, mask, "evict_last")
-            )
+            lq, lp = log2_probs(*tiles)
             q, p, log2_m = mixture(lq, lp)
             kl_pm = kl_pm + _masked(mask, p) * (lp - log2_m)
             kl_qm = kl_qm + _masked(mask, q) * (lq - log2_m)
             return kl_pm, kl_qm
 
-        kl_pm, kl_qm = (jnp.sum(x) for x in tiling.sweep(mixture_kls, (lanes, lanes)))
+        kl_sums = tiling.sweep(
+            mixture_kls, (lanes, lanes), loads=(s_ref, t_ref), eviction_policy="evict_last", reverse=True
+        )
+        kl_pm, kl_qm = (jnp.sum(x) for x in kl_sums)
         soft = _LN2 * (beta * kl_pm + (1.0 - beta) * kl_qm)
     soft_ref[...] = soft
 
@@ -207,16 +225,16 @@ def _divergence_row(kind, tiling, hyper, label, s_ref, t_ref, soft_ref, hard_ref
 
     soft_scale = soft_weight * inv_t
 
-    def write(start, cols, mask, carry):
-        s = tiling.load(s_ref, start, mask, "evict_first")
-        t = tiling.load(t_ref, start, mask, "evict_first")
+    def write(start, cols, mask, tiles, carry):
+        s, t = tiles
         lq, lp = log2_probs(s, t)
         softmax_z = jnp.exp2((s - ms) * _LOG2E - log2_sum_u)
         hard_grad = softmax_z - (cols == label).astype(jnp.float32)
         tiling.store(g_ref, start, mask, soft_scale * soft_grad(lq, lp) + hard_weight * hard_grad)
         return carry
 
-    tiling.sweep(write, ())
+    # Alternate directions: the last pass runs against the one before it (see _Tiling.sweep).
+    tiling.sweep(write, (), loads=(s_ref, t_ref), eviction_policy="evict_first", reverse=kind != _MIXTURE_JSD)
 
 
 def _ignored_row(tiling, soft_ref, hard_ref, g_ref):
@@ -224,7 +242,7 @@ def _ignored_row(tiling, soft_ref, hard_ref, g_ref):
     soft_ref[...] = jnp.float32(0.0)
     hard_ref[...] = jnp.float32(0.0)
 
-    def write(start, cols, mask, carry):
+    def write(start, cols, mask, tiles, carry):
         tiling.store(g_ref, start, mask, jnp.zeros((tiling.block_v,), jnp.float32))
         return carry
 
