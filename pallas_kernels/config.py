@@ -61,7 +61,9 @@ def default_row_kernel_config(vocab_size: int, dtype, device_kind: str | None = 
 
     Reasoning (checked by the H200 sweep of ``bench/kernel_sweep.py`` on (1024, 128256), see
     ``bench/results/2026-11-28-h200/NOTES.md``: block_v {4096, 8192} × warps {4, 8, 16} × stages
-    {1, 2} were all within ~10 % of each other, and this default at or near the best for β ∈ {0, 1}):
+    {1, 2} were all within ~10 % of each other, and this default at or near the best for β ∈ {0, 1};
+    the second sweep, ``bench/results/2026-11-28-h200-run2/NOTES.md``, block_v 256…2048 × warps
+    1…8, found nothing better at every β, and its best kernel sum made the whole step slower):
 
     * ``block_v = min(4096, next_pow2(vocab_size))``: the kernel streams two float32 rows, so a
       4096-column tile is 32 KiB of loads in flight per program per iteration, enough to cover
