@@ -5,6 +5,7 @@ import dataclasses
 import json
 import subprocess
 import sys
+import weakref
 from pathlib import Path
 
 import jax
@@ -135,6 +136,33 @@ def test_planned_out_of_memory_is_a_row(monkeypatch):
     monkeypatch.setattr(suite, "memory_stats", lambda: {"bytes_limit": 1024, "bytes_in_use": 0})
     row = suite.run_case(Case(tiny_problem(), "reference"))
     assert row["status"] == "OOM" and "PlannedOOM" in row["reason"]
+
+
+def test_forward_outputs_are_gone_before_value_and_grad_runs():
+    """Each timed call starts with no earlier call's outputs alive (one (N, V) result at a time)."""
+
+    class Output:
+        def __init__(self, kind):
+            self.kind = kind
+
+    alive = weakref.WeakSet()
+    seen = []  # (kind of call, kinds of outputs alive when it started)
+
+    def call(kind):
+        def run():
+            seen.append((kind, sorted(o.kind for o in alive)))
+            out = Output(kind)
+            alive.add(out)
+            return out
+
+        return run
+
+    fwd_s, vg_s, result = suite.time_forward_then_value_and_grad(
+        call("fwd"), call("vg"), warmup=2, iters=3, sync=lambda out: None
+    )
+    assert (len(fwd_s), len(vg_s), result.kind) == (3, 3, "vg")
+    assert [kind for kind, _ in seen] == ["fwd"] * 5 + ["vg"] * 5
+    assert all(not others for _, others in seen), seen
 
 
 def test_is_oom():
