@@ -318,6 +318,7 @@ def _measure_liger(case: Case, row: dict, inputs):
         return loss
 
     def forward():  # gradients are computed inside Liger's forward; only backward() is left out
+        x_s.grad = w_s.grad = None  # drop the last value-and-grad call's gradients (one call's outputs alive)
         return loss_fn(x_s, w_s, x_t, w_t, labels)
 
     sync()

@@ -1,8 +1,8 @@
 """Fused per-row distillation kernel: JSD_β / KL soft loss, CE hard loss and dlogits in one launch.
 
 One program per row (grid over rows) walks the row in ``block_v``-wide vocabulary tiles
-(unmasked full tiles in a ``fori_loop``, then one masked tail tile), in as few passes over HBM
-as the divergence allows:
+(unmasked full tiles in a ``fori_loop`` and one masked tail tile; see ``_Tiling.sweep`` for the
+order), in as few passes over HBM as the divergence allows:
 
 * β = 0, KL(P‖Q): pass 1 stats + KL(P‖Q) online (3 exp2 per element); pass 2 writes dlogits
   (3 exp2: q, p, softmax(z_s)). 2 reads of both logits + 1 write.

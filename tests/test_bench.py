@@ -165,6 +165,19 @@ def test_forward_outputs_are_gone_before_value_and_grad_runs():
     assert all(not others for _, others in seen), seen
 
 
+@pytest.mark.parametrize("impl", ["matmul-floor", "xla"])
+def test_jax_cases_are_timed_one_output_at_a_time(monkeypatch, impl):
+    helper, calls = suite.time_forward_then_value_and_grad, []
+
+    def spy(*args, **kwargs):
+        calls.append(impl)
+        return helper(*args, **kwargs)
+
+    monkeypatch.setattr(suite, "time_forward_then_value_and_grad", spy)
+    row = suite.run_case(Case(tiny_problem(), impl))
+    assert row["status"] == "ok" and calls == [impl], row["reason"]
+
+
 def test_is_oom():
     assert is_oom("XlaRuntimeError: RESOURCE_EXHAUSTED: Out of memory while trying to allocate")
     assert is_oom("torch.OutOfMemoryError: CUDA out of memory.")

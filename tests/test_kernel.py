@@ -25,6 +25,7 @@ from jax.sharding import AbstractDevice, AbstractMesh, AxisType, use_abstract_me
 
 from jaxdistill import rowmath
 from pallas_kernels import RowKernelConfig, default_row_kernel_config, distill_rows_pallas
+from pallas_kernels.distill_rows import _Tiling
 
 EPS32 = float(np.finfo(np.float32).eps)
 BF16_HALF_ULP = 2.0**-8  # bf16 keeps 8 significant bits: rounding moves a value by ≤ 2⁻⁸ of itself
@@ -151,6 +152,24 @@ def test_matches_contract(beta, temperature, vocab, config, dtype, scale):
     got = distill_rows_pallas(student, teacher, labels, hyper, dlogits_dtype=dtype, config=config)
     assert got[2].dtype == dtype and got[2].shape == student.shape
     assert_matches_contract(got, student, teacher, labels, hyper)
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+@pytest.mark.parametrize(("vocab", "block_v"), [(1, 4), (3, 4), (4, 4), (10, 4), (123, 32), (4097, 4096), (8192, 4096)])
+def test_sweep_visits_every_column_once_in_order(vocab, block_v, reverse):
+    """Each pass sees every column of [0, V) exactly once, tiles in order (right to left when reversed)."""
+    tiles = []
+
+    def record(start, cols, mask, loaded, carry):
+        cols = np.asarray(cols)
+        tiles.append(cols if mask is None else cols[np.asarray(mask)])
+        return carry
+
+    with jax.disable_jit():  # concrete tile indices, so the body can record them
+        _Tiling(vocab, block_v).sweep(record, (), reverse=reverse)
+    order = tiles[::-1] if reverse else tiles
+    np.testing.assert_array_equal(np.concatenate(order), np.arange(vocab))
+    assert all(len(t) for t in tiles)
 
 
 @pytest.mark.parametrize(
