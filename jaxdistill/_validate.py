@@ -19,6 +19,7 @@ def concrete_float(value, name: str) -> float | None:
 
     Raises:
       ValueError: ``value`` is not a scalar.
+      TypeError: ``value`` is not a number.
     """
     if jnp.ndim(value) != 0:
         raise ValueError(f"`{name}` must be a scalar, got shape {jnp.shape(value)}")
@@ -26,6 +27,8 @@ def concrete_float(value, name: str) -> float | None:
         return float(value)
     except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
         return None
+    except (TypeError, ValueError) as error:
+        raise TypeError(f"`{name}` must be a real scalar, got {value!r}") from error
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,9 +82,9 @@ class FlatInputs:
         return loss, aux
 
     def bad_hyper(self) -> jax.Array:
-        """True when a traced β is outside [0, 1] or a traced T is not > 0 (concrete ones raise)."""
+        """True when a traced β is outside [0, 1] or a traced T is not finite and > 0 (concrete ones raise)."""
         beta, temperature = jnp.asarray(self.beta), jnp.asarray(self.temperature)
-        return ~((beta >= 0) & (beta <= 1) & (temperature > 0))
+        return ~((beta >= 0) & (beta <= 1) & (temperature > 0) & jnp.isfinite(temperature))
 
 
 def weight_sizes(weight, layout: str, name: str) -> tuple[int, int]:
@@ -131,6 +134,8 @@ def validate_and_flatten(
     teacher_bias,
     beta,
     temperature,
+    soft_weight,
+    hard_weight,
     ignore_index,
     where,
     reduction,
@@ -183,6 +188,8 @@ def validate_and_flatten(
     temperature_value = concrete_float(temperature, "temperature")
     if temperature_value is not None and not 0.0 < temperature_value < float("inf"):
         raise ValueError(f"`temperature` must be finite and > 0, got {temperature_value}")
+    concrete_float(soft_weight, "soft_weight")
+    concrete_float(hard_weight, "hard_weight")
 
     n_rows = int(np.prod(lead, dtype=np.int64))
     flat_labels = jnp.reshape(labels, (n_rows,))

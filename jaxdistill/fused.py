@@ -21,8 +21,8 @@ import numpy as np
 from jax import lax
 
 from jaxdistill import rowmath
-from jaxdistill._validate import concrete_float, validate_and_flatten
-from pallas_kernels import RowKernelConfig, default_row_kernel_config, distill_rows_pallas
+from jaxdistill._validate import validate_and_flatten
+from pallas_kernels import RowKernelConfig, distill_rows_pallas
 
 IMPLEMENTATIONS = ("xla", "pallas")
 # Budget for the two float32 (chunk, V) logits buffers of one chunk; the dlogits and the
@@ -101,14 +101,14 @@ def _contract(a, b, a_dim: int, b_dim: int):
     return lax.dot_general(a, b, (((a_dim,), (b_dim,)), ((), ())), preferred_element_type=jnp.float32)
 
 
-def _hidden_dim(layout: str) -> int:
+def hidden_dim(layout: str) -> int:
     """Index of the hidden dimension H of a weight stored in ``layout``."""
     return 0 if layout == "hv" else 1
 
 
 def _logits(hidden, weight, bias, layout):
     """(C, H) · weight (+ (V,)) → (C, V) float32, weight (H, V) or (V, H) by ``layout``."""
-    z = _contract(hidden, weight, 1, _hidden_dim(layout))
+    z = _contract(hidden, weight, 1, hidden_dim(layout))
     return z if bias is None else z + bias.astype(jnp.float32)
 
 
@@ -171,7 +171,7 @@ def _scan_losses_and_grads(plan, x_s, w_s, b_s, x_t, w_t, b_t, labels, hyper):
         z_s = _logits(x_s_c, w_s, b_s, plan.student_weight_layout)
         z_t = _logits(x_t_c, w_t, b_t, plan.teacher_weight_layout)
         soft_rows, hard_rows, dlogits = plan.distill_rows(z_s, z_t, labels_c, hyper, dlogits_dtype=x_s.dtype)
-        grad_x_c = _contract(dlogits, w_s, 1, 1 - _hidden_dim(plan.student_weight_layout))
+        grad_x_c = _contract(dlogits, w_s, 1, 1 - hidden_dim(plan.student_weight_layout))
         if plan.student_weight_layout == "hv":
             grad_w = grad_w + _contract(x_s_c, dlogits, 0, 0)
         else:
@@ -207,15 +207,15 @@ def _fused_sums_fwd(plan, x_s, w_s, b_s, x_t, w_t, b_t, labels, hyper):
         plan, x_s, w_s, b_s, x_t, w_t, b_t, labels, hyper
     )
     total = hyper[2] * soft_sum + hyper[3] * hard_sum
-    # The student and teacher inputs are saved (no copies: they are the primal inputs) for
-    # the dtypes of the student cotangents and the zero cotangents of the teacher.
-    residuals = (grad_x, grad_w, grad_b, soft_sum, hard_sum, x_s, w_s, b_s, x_t, w_t, b_t, hyper)
+    # The student inputs are saved (no copies: they are the primal inputs) for the dtypes and
+    # varying axes of their cotangents.
+    residuals = (grad_x, grad_w, grad_b, soft_sum, hard_sum, x_s, w_s, b_s, hyper)
     return (total, soft_sum, hard_sum), residuals
 
 
 def _fused_sums_bwd(plan, residuals, cotangents):
     del plan
-    grad_x, grad_w, grad_b, soft_sum, hard_sum, x_s, w_s, b_s, x_t, w_t, b_t, hyper = residuals
+    grad_x, grad_w, grad_b, soft_sum, hard_sum, x_s, w_s, b_s, hyper = residuals
     g = cotangents[0]  # the soft/hard outputs are stop_gradient-ed by the caller
     nan = jnp.full((), jnp.nan, jnp.float32)
     # d/d(soft_weight) and d/d(hard_weight) are exact; β and T are not differentiable (NaN).
@@ -224,9 +224,9 @@ def _fused_sums_bwd(plan, residuals, cotangents):
         _like_primal((g * grad_x).astype(x_s.dtype), x_s),
         _like_primal((g * grad_w).astype(w_s.dtype), w_s),
         None if grad_b is None else _like_primal((g * grad_b).astype(b_s.dtype), b_s),
-        jnp.zeros_like(x_t),
-        jnp.zeros_like(w_t),
-        None if b_t is None else jnp.zeros_like(b_t),
+        None,  # the teacher and the labels get zero cotangents
+        None,
+        None,
         None,
         _like_primal(grad_hyper.astype(hyper.dtype), hyper),
     )
@@ -311,7 +311,7 @@ def fused_linear_jsd_loss(
     Returns:
       The float32 scalar loss, or ``(loss, aux)`` when ``return_aux``. Gradients w.r.t.
       ``soft_weight``/``hard_weight`` are exact; w.r.t. ``beta``/``temperature`` they are NaN
-      (not implemented). A traced β outside [0, 1] or T ≤ 0 gives a NaN loss.
+      (not implemented). A traced β outside [0, 1] or T not finite and > 0 gives a NaN loss.
 
     Raises:
       ValueError, TypeError: at trace time, for bad shapes, dtypes or options; the message
@@ -339,6 +339,8 @@ def fused_linear_jsd_loss(
         teacher_bias=teacher_bias,
         beta=beta,
         temperature=temperature,
+        soft_weight=soft_weight,
+        hard_weight=hard_weight,
         ignore_index=ignore_index,
         where=where,
         reduction=reduction,
@@ -346,16 +348,12 @@ def fused_linear_jsd_loss(
         student_weight_layout=student_weight_layout,
         teacher_weight_layout=teacher_weight_layout,
     )
-    concrete_float(soft_weight, "soft_weight")
-    concrete_float(hard_weight, "hard_weight")
     implementation = resolve_implementation(implementation)
     vocab = a.vocab_size
     if chunk_size is None:
         chunk_size = default_chunk_size(vocab)
     if implementation == "pallas":
-        if kernel_config is None:
-            kernel_config = default_row_kernel_config(vocab, student_hidden.dtype)
-        if not isinstance(kernel_config, RowKernelConfig):
+        if kernel_config is not None and not isinstance(kernel_config, RowKernelConfig):
             raise TypeError(f"`kernel_config` must be a RowKernelConfig, got {type(kernel_config).__name__}")
     elif kernel_config is not None:
         raise ValueError("`kernel_config` applies only to implementation='pallas'")

@@ -27,7 +27,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxdistill.fused import fused_linear_jsd_loss
+from jaxdistill._validate import weight_sizes
+from jaxdistill.fused import fused_linear_jsd_loss, hidden_dim
 
 __all__ = ["LMHead", "fused_head_loss", "lm_head"]
 
@@ -59,11 +60,11 @@ class LMHead:
 
     @property
     def hidden_size(self) -> int:
-        return self.weight.shape[1 if self.vocab_major else 0]
+        return weight_sizes(self.weight, self.layout, "weight")[0]
 
     @property
     def vocab_size(self) -> int:
-        return self.weight.shape[0 if self.vocab_major else 1]
+        return weight_sizes(self.weight, self.layout, "weight")[1]
 
     @property
     def layout(self) -> str:
@@ -72,11 +73,10 @@ class LMHead:
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """(..., H) → (..., V) float32 logits, materialized (for generation/evaluation, not the loss)."""
-        contract = 1 if self.vocab_major else 0
         z = jax.lax.dot_general(
             hidden,
             self.weight,
-            (((hidden.ndim - 1,), (contract,)), ((), ())),
+            (((hidden.ndim - 1,), (hidden_dim(self.layout),)), ((), ())),
             preferred_element_type=jnp.float32,
         )
         return z if self.bias is None else z + self.bias.astype(jnp.float32)

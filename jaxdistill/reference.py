@@ -84,6 +84,8 @@ def fused_linear_jsd_loss(
         teacher_bias=teacher_bias,
         beta=beta,
         temperature=temperature,
+        soft_weight=soft_weight,
+        hard_weight=hard_weight,
         ignore_index=ignore_index,
         where=where,
         reduction=reduction,

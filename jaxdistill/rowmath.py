@@ -23,10 +23,6 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-# Order of the hyper-parameter vector passed (as a traced float32 array) to every chunk
-# implementation, so that changing a value never forces a recompile.
-HYPER_FIELDS = ("beta", "temperature", "soft_weight", "hard_weight")
-
 
 def divergence_branch(beta: jax.Array) -> jax.Array:
     """Index of the divergence formula for β: 0 forward KL (β=0), 1 interior JSD, 2 reverse KL (β=1)."""

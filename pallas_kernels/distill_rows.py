@@ -320,7 +320,8 @@ def distill_rows_pallas(
     Args:
       student_logits: (R, V) float32 student logits z_s.
       teacher_logits: (R, V) float32 teacher logits z_t.
-      labels: (R,) integer; in [0, V) for valid rows, negative for ignored rows.
+      labels: (R,) integer; in [0, V) for valid rows, negative for ignored rows. A label ≥ V
+        gives a NaN ``hard_rows`` entry (the row's dlogits then use column V − 1 as the label).
       hyper: (4,) float32 ``[beta, temperature, soft_weight, hard_weight]``, β ∈ [0, 1], T > 0.
       dlogits_dtype: dtype of the returned gradient (the activation dtype).
       config: tiling / launch config; None → :func:`default_row_kernel_config`.
@@ -355,7 +356,7 @@ def distill_rows_pallas(
     row_scalar = pl.BlockSpec((None,), lambda i: (i,))
     row = pl.BlockSpec((None, vocab), lambda i: (i, 0))
     kernel = functools.partial(_distill_row_kernel, tiling=_Tiling(vocab, config.block_v))
-    return pl.pallas_call(
+    soft_rows, hard_rows, dlogits = pl.pallas_call(
         kernel,
         grid=(rows,),
         in_specs=[pl.BlockSpec((4,), lambda i: (0,)), row_scalar, row, row],
@@ -372,3 +373,5 @@ def distill_rows_pallas(
         interpret=interpret,
         name="distill_rows",
     )(hyper.astype(jnp.float32), labels.astype(jnp.int32), student_logits, teacher_logits)
+    # The kernel clamps labels into the row (it never reads outside it); flag the ones it clamped.
+    return soft_rows, jnp.where(labels >= vocab, jnp.nan, hard_rows), dlogits

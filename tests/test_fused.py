@@ -247,6 +247,7 @@ def test_traced_invalid_hyper_parameters_give_nan():
     assert np.isfinite(float(f(0.5, 1.0)))
     assert np.isnan(float(f(1.5, 1.0)))
     assert np.isnan(float(f(0.5, 0.0)))
+    assert np.isnan(float(f(0.5, float("inf"))))
 
 
 @pytest.mark.parametrize(
@@ -368,6 +369,8 @@ BAD_INPUTS = {
     "return-aux-not-bool": (dict(return_aux="no"), TypeError, "return_aux"),
     "chunk-bool": (dict(chunk_size=True), ValueError, "chunk_size"),
     "weight-layout": (dict(student_weight_layout="kv"), ValueError, "student_weight_layout"),
+    "soft-weight-not-scalar": (dict(soft_weight=jnp.ones((3,))), ValueError, "soft_weight"),
+    "hard-weight-string": (dict(hard_weight="0.5x"), TypeError, "hard_weight"),
 }
 
 

@@ -203,6 +203,22 @@ def test_extreme_logits_stay_finite(beta, scale):
     assert_matches_contract(got, student, teacher, labels, hyper, grad_atol=cancellation)
 
 
+def test_label_past_the_vocabulary_gives_nan_hard_loss():
+    """A label ≥ V is flagged (NaN CE, as in the jnp contract), never read, and leaves other rows alone."""
+    student, teacher, labels = make_rows(*MISC_SHAPE, scale=2.0, seed=3)
+    vocab = MISC_SHAPE[1]
+    hyper = hyper_array(0.5, 1.0)
+    bad = labels.at[2].set(vocab)
+    soft, hard, _ = distill_rows_pallas(student, teacher, bad, hyper, dlogits_dtype=jnp.float32)
+    want_soft, want_hard, _ = distill_rows_pallas(student, teacher, labels, hyper, dlogits_dtype=jnp.float32)
+    assert np.isnan(float(hard[2])) and np.isnan(
+        float(rowmath.distill_rows(student, teacher, bad, hyper, dlogits_dtype=jnp.float32)[1][2])
+    )
+    others = np.arange(MISC_SHAPE[0]) != 2
+    np.testing.assert_array_equal(np.asarray(hard)[others], np.asarray(want_hard)[others])
+    np.testing.assert_array_equal(np.asarray(soft), np.asarray(want_soft))
+
+
 def test_underflowing_probabilities():
     """Disjoint one-hot student and teacher at T = 0.05: P, Q and M underflow (0·log 0 = 0)."""
     student = jnp.full(MISC_SHAPE, -50.0).at[:, 7].set(50.0)
