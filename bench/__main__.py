@@ -241,9 +241,10 @@ def summary_line(row: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.iters < 10:
-        build_parser().error("--iters must be at least 10")
+        parser.error("--iters must be at least 10")
     out_dir: Path = args.out
     out_dir.mkdir(parents=True, exist_ok=True)
     if args.replot:

@@ -33,8 +33,9 @@ import traceback
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from bench.cases import IGNORE_INDEX
+from bench.suite import percentiles_ms, time_calls
 from jaxdistill import rowmath
 from pallas_kernels import RowKernelConfig, default_row_kernel_config, distill_rows_pallas
 
@@ -66,7 +67,7 @@ def make_inputs(rows, vocab, seed=0):
     student = 2.0 * jax.random.normal(k[0], (rows, vocab), jnp.float32)
     teacher = 0.6 * student + 1.6 * jax.random.normal(k[1], (rows, vocab), jnp.float32)
     labels = jax.random.randint(k[2], (rows,), 0, vocab)
-    labels = jnp.where(jax.random.uniform(k[3], (rows,)) < IGNORED_FRACTION, -100, labels)
+    labels = jnp.where(jax.random.uniform(k[3], (rows,)) < IGNORED_FRACTION, IGNORE_INDEX, labels)
     return student, teacher, labels
 
 
@@ -74,19 +75,11 @@ def hyper_for(beta):
     return jnp.array([beta, TEMPERATURE, SOFT_WEIGHT, HARD_WEIGHT], jnp.float32)
 
 
-def time_calls(fn, args, *, iters, warmup):
-    """Single calls to ``block_until_ready`` (ms list), and the mean ms of back-to-back calls."""
-    for _ in range(warmup):
-        jax.block_until_ready(fn(*args))
-    single = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        single.append(1e3 * (time.perf_counter() - t0))
+def pipelined_ms(fn, args, *, iters):
+    """Mean ms of ``iters`` back-to-back calls with one final ``block_until_ready`` (launch gaps hidden)."""
     t0 = time.perf_counter()
-    outs = [fn(*args) for _ in range(iters)]
-    jax.block_until_ready(outs)
-    return single, 1e3 * (time.perf_counter() - t0) / iters
+    jax.block_until_ready([fn(*args) for _ in range(iters)])
+    return 1e3 * (time.perf_counter() - t0) / iters
 
 
 def deviation(got, want):
@@ -113,14 +106,14 @@ def measure(name, config, launch, args, beta, reference, cli):
     if config is not None:
         row.update(block_v=config.block_v, num_warps=config.num_warps, num_stages=config.num_stages)
     try:
-        single, pipelined = time_calls(launch, args, iters=cli.iters, warmup=cli.warmup)
+        times = percentiles_ms(time_calls(lambda: launch(*args), warmup=cli.warmup, iters=cli.iters)[0])
         unique, passes = traffic_bytes(cli.rows, cli.vocab, beta, jnp.dtype(cli.dlogits_dtype).itemsize)
-        median = statistics.median(single)
+        median = times["median"]
         row.update(
             median_ms=median,
-            p10_ms=float(np.percentile(single, 10)),
-            p90_ms=float(np.percentile(single, 90)),
-            pipelined_ms=pipelined,
+            p10_ms=times["p10"],
+            p90_ms=times["p90"],
+            pipelined_ms=pipelined_ms(launch, args, iters=cli.iters),
             unique_GBps=unique / median / 1e6,
             pass_GBps=passes / median / 1e6,
         )
@@ -142,8 +135,9 @@ def sweep(cli) -> list[dict]:
     dtype = jnp.dtype(cli.dlogits_dtype)
     xla = jax.jit(functools.partial(rowmath.distill_rows, dlogits_dtype=dtype))
     default = default_row_kernel_config(cli.vocab, dtype)
-    configs = [("pallas-default", (default.block_v, default.num_warps, default.num_stages))]
-    configs += [("pallas", c) for c in itertools.product(cli.block_v, cli.num_warps, cli.num_stages)]
+    default = (default.block_v, default.num_warps, default.num_stages)
+    grid = itertools.product(cli.block_v, cli.num_warps, cli.num_stages)
+    configs = [("pallas-default", default)] + [("pallas", c) for c in grid if c != default]
     args_by_beta = {beta: (student, teacher, labels, hyper_for(beta)) for beta in cli.betas}
 
     rows, references = [], {}

@@ -39,7 +39,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from bench.suite import percentiles_ms, time_calls
+from bench.cases import IGNORE_INDEX
+from bench.suite import LOGIT_STD, percentiles_ms, time_calls
 from jaxdistill.fused import resolve_implementation
 from jaxdistill.heads import LMHead
 from jaxdistill.training import DistillConfig, shard_mapped_head_loss
@@ -116,14 +117,21 @@ def draw_inputs(size: Size, mesh: Mesh, seed: int = 0) -> dict:
         def normal(key, shape, scale):
             return (jax.random.normal(key, shape, jnp.float32) * scale).astype(dtype)
 
+        def weight_std(hidden):  # logits of about LOGIT_STD, as in the benchmark suite
+            return LOGIT_STD / math.sqrt(hidden)
+
         labels = jax.random.randint(k[4], (n,), 0, size.vocab, jnp.int32)
         ignored = jax.random.uniform(k[5], (n,)) < size.ignore_fraction
         return {
             "student_hidden": normal(k[0], (n, size.hidden_student), 1.0),
-            "student_weight": normal(k[1], (size.hidden_student, size.vocab), 2 / math.sqrt(size.hidden_student)),
+            "student_weight": normal(
+                k[1], (size.hidden_student, size.vocab), LOGIT_STD / math.sqrt(size.hidden_student)
+            ),
             "teacher_hidden": normal(k[2], (n, size.hidden_teacher), 1.0),
-            "teacher_weight": normal(k[3], (size.hidden_teacher, size.vocab), 2 / math.sqrt(size.hidden_teacher)),
-            "labels": jnp.where(ignored, -100, labels),
+            "teacher_weight": normal(
+                k[3], (size.hidden_teacher, size.vocab), LOGIT_STD / math.sqrt(size.hidden_teacher)
+            ),
+            "labels": jnp.where(ignored, IGNORE_INDEX, labels),
         }
 
     out_shardings = {
@@ -225,7 +233,7 @@ def run(size: Size, *, warmup: int, iters: int) -> dict:
     mesh = Mesh(np.asarray(devices), (AXIS,))
     inputs = draw_inputs(size, mesh)
     steps = build_steps(size, mesh, inputs)
-    valid_per_device = np.asarray(inputs["labels"] != -100).reshape(len(devices), -1).sum(axis=1)
+    valid_per_device = np.asarray(inputs["labels"] != IGNORE_INDEX).reshape(len(devices), -1).sum(axis=1)
     tolerance = 1e-5 if size.dtype == "float32" else 4 * float(jnp.finfo(jnp.dtype(size.dtype)).eps)
 
     rows, want = [], None

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import re
 
 import jax
 import numpy as np
@@ -24,20 +23,13 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-COLLECTIVES = ("all-gather", "all-reduce", "all-to-all", "collective-permute", "reduce-scatter")
-
-
-def collectives(compiled_text: str) -> list[str]:
-    return sorted(set(re.findall(r"\b(" + "|".join(COLLECTIVES) + r")(?:-start)?\(", compiled_text)))
+from bench.multi_gpu import collectives
+from bench.multi_gpu import max_rel_diff as leaf_max_rel_diff
 
 
 def max_rel_diff(tree, ref_tree) -> float:
     """max over leaves of max|a − b| / max(max|b|, 1e-30)."""
-    diffs = jax.tree.map(
-        lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b))) / max(float(np.max(np.abs(b))), 1e-30)),
-        tree,
-        ref_tree,
-    )
+    diffs = jax.tree.map(lambda a, b: leaf_max_rel_diff(np.asarray(a), np.asarray(b)), tree, ref_tree)
     return max(jax.tree.leaves(diffs))
 
 

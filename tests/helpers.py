@@ -10,8 +10,6 @@ import numpy as np
 
 from jaxdistill import reference
 
-STUDENT_ARGNUMS = (0, 1)  # student_hidden, student_weight (student_bias goes through a closure)
-
 
 @dataclasses.dataclass
 class Problem:

@@ -13,6 +13,7 @@ import numpy as np
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
+from bench.multi_gpu import max_rel_diff
 from jaxdistill import fused_linear_jsd_loss
 
 jax.config.update("jax_default_matmul_precision", "highest")
@@ -50,7 +51,7 @@ sharded = jax.jit(jax.value_and_grad(global_loss, argnums=(0, 1, 2)))(xs, ws, bs
 
 
 def rel(a, b):
-    return float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
+    return max_rel_diff(np.asarray(a), np.asarray(b))
 
 
 print(

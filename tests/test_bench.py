@@ -3,6 +3,7 @@
 import argparse
 import dataclasses
 import json
+import signal
 import subprocess
 import sys
 import weakref
@@ -12,6 +13,7 @@ import jax
 import numpy as np
 import pytest
 
+import bench.__main__ as bench_main
 from bench import report, suite
 from bench.__main__ import Runner, build_cases, build_parser, main, parse_preset
 from bench.cases import IMPLEMENTATIONS, PRESETS, Case, Problem, is_oom
@@ -127,9 +129,17 @@ def test_zero_time_budget_gives_skipped_rows(tmp_path, capsys):
     assert "| tiny | 64 | xla | skipped: time budget spent |" in capsys.readouterr().out
 
 
-def test_case_timeout_kills_the_worker(tmp_path):
+def test_case_timeout_kills_the_worker(tmp_path, monkeypatch):
+    workers, real_popen = [], subprocess.Popen
+
+    def popen(*args, **kwargs):
+        workers.append(real_popen(*args, **kwargs))
+        return workers[-1]
+
+    monkeypatch.setattr(bench_main.subprocess, "Popen", popen)
     row = Runner(tmp_path, time_budget=None, case_timeout=0.2).run(Case(tiny_problem(), "xla"))
     assert row["status"] == "timeout"
+    assert [w.returncode for w in workers] == [-signal.SIGKILL]
 
 
 def test_planned_out_of_memory_is_a_row(monkeypatch):
@@ -176,6 +186,21 @@ def test_jax_cases_are_timed_one_output_at_a_time(monkeypatch, impl):
     monkeypatch.setattr(suite, "time_forward_then_value_and_grad", spy)
     row = suite.run_case(Case(tiny_problem(), impl))
     assert row["status"] == "ok" and calls == [impl], row["reason"]
+
+
+def test_kernel_sweep_runs_in_interpret_mode(tmp_path):
+    """The launch-config sweep: the default is measured once, a bad config is a row, the best is named."""
+    from bench import kernel_sweep
+
+    argv = ["--out", str(tmp_path), "--interpret", "--rows", "3", "--vocab", "300", "--betas", "0.5"]
+    argv += ["--block-v", "512,384", "--num-warps", "1", "--num-stages", "1", "--iters", "1", "--warmup", "0"]
+    assert kernel_sweep.main(argv) == 0
+    result = json.loads((tmp_path / "kernel_sweep.json").read_text())
+    rows = {(r["impl"], r.get("block_v")): r for r in result["rows"]}
+    assert len(rows) == len(result["rows"]) == 3  # xla, the default (512, 1, 1) once, and 384
+    assert rows[("pallas-default", 512)]["max_err_dlogits"] < 1e-5
+    assert "power of 2" in rows[("pallas", 384)]["error"]
+    assert result["best_config"] == {"impl": "pallas-default", "block_v": 512, "num_warps": 1, "num_stages": 1}
 
 
 def test_is_oom():

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from helpers import relative_error
 
 from bench.multi_gpu import weight_sized_copies
 from jaxdistill import fused_linear_jsd_loss, reference
@@ -16,10 +17,6 @@ from jaxdistill.heads import LMHead, fused_head_loss, lm_head
 
 N, HS, HT, V = 37, 16, 24, 123  # N not a multiple of the chunk (8); V not a multiple of anything
 LOSS = dict(beta=0.3, temperature=2.0, hard_weight=0.5)
-
-
-def _rel(got, want):
-    return float(jnp.max(jnp.abs(got - want)) / jnp.max(jnp.abs(want)))
 
 
 def _head(key, hidden, *, tied, bias):
@@ -59,12 +56,12 @@ def test_head_loss_matches_reference(student_kind, teacher_kind):
     loss, (g_x, g_student, g_teacher) = value_and_grads(fused_linear_jsd_loss, chunk_size=8)
     want_loss, (want_x, want_student, _) = value_and_grads(reference.fused_linear_jsd_loss)
     assert float(loss) == pytest.approx(float(want_loss), rel=2e-5)
-    assert _rel(g_x, want_x) < 1e-4
+    assert relative_error(g_x, want_x) < 1e-4
     # The student head's gradient comes back in the head's own layout: (V, H) for a tied table.
     assert g_student.weight.shape == student.weight.shape
-    assert _rel(g_student.weight, want_student.weight) < 1e-4
+    assert relative_error(g_student.weight, want_student.weight) < 1e-4
     if bias_s:
-        assert _rel(g_student.bias, want_student.bias) < 1e-4
+        assert relative_error(g_student.bias, want_student.bias) < 1e-4
     assert not jnp.any(g_teacher.weight)
     if bias_t:
         assert not jnp.any(g_teacher.bias)
@@ -148,7 +145,7 @@ def test_linen_model(tied):
     for path, g in jax.tree_util.tree_leaves_with_path(got):
         w = dict(jax.tree_util.tree_leaves_with_path(want))[path]
         assert jnp.any(g != 0), path
-        assert _rel(g, w) < 1e-4, path
+        assert relative_error(g, w) < 1e-4, path
 
 
 def _compiled_step_text(head: LMHead):

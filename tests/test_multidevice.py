@@ -8,7 +8,7 @@ flag must not reach this one. The batch gives the 4 devices 6, 9, 14 and 16 vali
 import json
 
 import pytest
-from distill_setup import run_python
+from distill_setup import last_json_line, run_python
 
 VARIANTS = ["pmap", "shard_map", "sharded_jit"]
 
@@ -17,7 +17,7 @@ VARIANTS = ["pmap", "shard_map", "sharded_jit"]
 def report():
     proc = run_python("tests/distributed_worker.py", "devices", devices=4)
     assert proc.returncode == 0, proc.stderr[-6000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return last_json_line(proc.stdout)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

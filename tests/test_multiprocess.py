@@ -7,12 +7,11 @@ each process feeding its own half of the batch (15 and 30 valid tokens). Each co
 result with its own single-device step over the whole batch.
 """
 
-import json
 import socket
 import subprocess
 
 import pytest
-from distill_setup import REPO_ROOT, python_command, worker_env
+from distill_setup import REPO_ROOT, last_json_line, python_command, worker_env
 
 NUM_PROCESSES = 2
 TIMEOUT_S = 240
@@ -55,7 +54,7 @@ def reports():
                 proc.communicate()
     for i, (proc, (_, stderr)) in enumerate(zip(procs, outputs, strict=True)):
         assert proc.returncode == 0, f"process {i} failed:\n{stderr[-6000:]}"
-    return [json.loads(stdout.strip().splitlines()[-1]) for stdout, _ in outputs]
+    return [last_json_line(stdout) for stdout, _ in outputs]
 
 
 def test_processes_form_one_job(reports):
