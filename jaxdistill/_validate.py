@@ -17,18 +17,29 @@ WEIGHT_LAYOUTS = ("hv", "vh")
 def concrete_float(value, name: str) -> float | None:
     """``value`` as a Python float when it is known at trace time, else None (a tracer).
 
+    Accepts Python ints and floats, NumPy and JAX integer or floating scalars and 0-d arrays.
+
     Raises:
-      ValueError: ``value`` is not a scalar.
-      TypeError: ``value`` is not a number.
+      TypeError: ``value`` is not a real number (a string such as ``"0.5"``, a bool, None,
+        a list, a complex number, a non-numeric array).
+      ValueError: ``value`` is a numeric array that is not a scalar.
     """
+    dtype = getattr(value, "dtype", None)
+    if dtype is not None:
+        real = jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.floating)
+    else:
+        real = isinstance(value, int | float) and not isinstance(value, bool)
+    if not real:
+        raise TypeError(
+            f"`{name}` must be a real number (a Python int or float, or a 0-d numeric array), "
+            f"got {type(value).__name__} {value!r}"
+        )
     if jnp.ndim(value) != 0:
         raise ValueError(f"`{name}` must be a scalar, got shape {jnp.shape(value)}")
     try:
         return float(value)
     except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
         return None
-    except (TypeError, ValueError) as error:
-        raise TypeError(f"`{name}` must be a real scalar, got {value!r}") from error
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,15 +114,28 @@ def weight_sizes(weight, layout: str, name: str) -> tuple[int, int]:
     return (rows, cols) if layout == "hv" else (cols, rows)
 
 
-def _check_hidden(x, hidden_size: int, name: str, weight_name: str) -> None:
+def _check_hidden(x, weight, layout: str, name: str, weight_name: str) -> None:
+    """``x`` is (..., H) floating, H the hidden size of ``weight`` read in ``layout``.
+
+    When ``x`` would fit ``weight`` read in the other layout, the message names that layout.
+    """
     if jnp.ndim(x) < 1:
         raise ValueError(f"`{name}` must have shape (..., H), got a scalar")
     if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
         raise TypeError(f"`{name}` must be floating, got {jnp.result_type(x)}")
-    if jnp.shape(x)[-1] != hidden_size:
-        raise ValueError(
-            f"`{name}` hidden size {jnp.shape(x)[-1]} does not match the hidden size {hidden_size} of `{weight_name}`"
-        )
+    hidden_size = jnp.shape(x)[-1]
+    expected = weight_sizes(weight, layout, weight_name)[0]
+    if hidden_size == expected:
+        return
+    message = (
+        f"`{name}` hidden size {hidden_size} does not match the hidden size {expected} of `{weight_name}` "
+        f"{jnp.shape(weight)}"
+    )
+    other = "vh" if layout == "hv" else "hv"
+    if hidden_size == weight_sizes(weight, other, weight_name)[0]:
+        read_as = "(V, H)" if other == "vh" else "(H, V)"
+        message += f'; it fits `{weight_name}` read as {read_as}: pass {weight_name}_layout="{other}"'
+    raise ValueError(message)
 
 
 def _check_bias(bias, vocab_size: int, name: str) -> None:
@@ -121,6 +145,43 @@ def _check_bias(bias, vocab_size: int, name: str) -> None:
         raise ValueError(f"`{name}` must have shape ({vocab_size},), got {jnp.shape(bias)}")
     if not jnp.issubdtype(jnp.result_type(bias), jnp.floating):
         raise TypeError(f"`{name}` must be floating, got {jnp.result_type(bias)}")
+
+
+def _labels_array(labels):
+    """``labels`` as an integer array: a JAX or NumPy array (any signed or unsigned width) or a Python int.
+
+    Raises:
+      TypeError: a list or tuple (JAX converts those ambiguously), or not integer.
+    """
+    if isinstance(labels, int) and not isinstance(labels, bool):
+        labels = np.asarray(labels)  # int64: _narrow_labels range-checks it before JAX sees it
+    if not isinstance(labels, jax.Array | np.ndarray | np.generic):
+        raise TypeError(
+            f"`labels` must be an integer array (jax.Array or numpy.ndarray), got {type(labels).__name__}: "
+            "pass np.asarray(labels)"
+        )
+    if not jnp.issubdtype(labels.dtype, jnp.integer):
+        raise TypeError(f"`labels` must be an integer array, got dtype {labels.dtype}")
+    return labels
+
+
+def _narrow_labels(labels, n_rows: int, vocab_size: int, ignore_index: int) -> tuple[jax.Array, jax.Array]:
+    """(N,) int32 labels clipped to [-1, V] and the (N,) mask ``labels != ignore_index``.
+
+    Both are computed in the labels' own dtype, before any narrowing, so that no label wraps:
+    with x64 off, JAX keeps only the low 32 bits of a NumPy int64 (2**32 + 3 would become 3), so
+    NumPy labels are compared and clipped in NumPy. An unsigned label never equals a negative
+    ``ignore_index``. A label outside [0, V) stays outside it (-1 or V), so the loss is NaN.
+    """
+    xp = np if isinstance(labels, np.ndarray | np.generic) else jnp
+    info = np.iinfo(labels.dtype)
+    flat = xp.reshape(labels, (n_rows,))
+    if info.min <= ignore_index <= info.max:
+        valid = flat != ignore_index
+    else:
+        valid = xp.ones((n_rows,), bool)
+    flat = xp.clip(flat, max(-1, int(info.min)), min(vocab_size, int(info.max))).astype(np.int32)
+    return jnp.asarray(flat), jnp.asarray(valid)
 
 
 def validate_and_flatten(
@@ -148,10 +209,10 @@ def validate_and_flatten(
     Raises:
       ValueError, TypeError: with a message naming the offending argument.
     """
-    hidden_s, vocab_size = weight_sizes(student_weight, student_weight_layout, "student_weight")
-    hidden_t, teacher_vocab = weight_sizes(teacher_weight, teacher_weight_layout, "teacher_weight")
-    _check_hidden(student_hidden, hidden_s, "student_hidden", "student_weight")
-    _check_hidden(teacher_hidden, hidden_t, "teacher_hidden", "teacher_weight")
+    vocab_size = weight_sizes(student_weight, student_weight_layout, "student_weight")[1]
+    teacher_vocab = weight_sizes(teacher_weight, teacher_weight_layout, "teacher_weight")[1]
+    _check_hidden(student_hidden, student_weight, student_weight_layout, "student_hidden", "student_weight")
+    _check_hidden(teacher_hidden, teacher_weight, teacher_weight_layout, "teacher_hidden", "teacher_weight")
     if teacher_vocab != vocab_size:
         raise ValueError(
             f"student vocabulary ({vocab_size}, `student_weight` {jnp.shape(student_weight)}) "
@@ -166,9 +227,7 @@ def validate_and_flatten(
             f"`teacher_hidden` leading dims {jnp.shape(teacher_hidden)[:-1]} do not match "
             f"`student_hidden` leading dims {lead}"
         )
-    if not jnp.issubdtype(jnp.result_type(labels), jnp.signedinteger):
-        # Unsigned labels cannot hold a negative ignore_index and wrap in comparisons.
-        raise TypeError(f"`labels` must be a signed integer array, got {jnp.result_type(labels)}")
+    labels = _labels_array(labels)
     if jnp.shape(labels) != lead:
         raise ValueError(f"`labels` shape {jnp.shape(labels)} must equal the leading dims {lead} of the hidden states")
     if where is not None:
@@ -192,10 +251,7 @@ def validate_and_flatten(
     concrete_float(hard_weight, "hard_weight")
 
     n_rows = int(np.prod(lead, dtype=np.int64))
-    flat_labels = jnp.reshape(labels, (n_rows,))
-    valid = flat_labels != ignore_index
-    # Clip before narrowing so that no out-of-range label can wrap into range.
-    flat_labels = jnp.clip(flat_labels, -1, vocab_size).astype(jnp.int32)
+    flat_labels, valid = _narrow_labels(labels, n_rows, vocab_size, ignore_index)
     if where is not None:
         valid = valid & jnp.reshape(where, (n_rows,))
     return FlatInputs(
