@@ -11,7 +11,7 @@ jax.config.update("jax_default_matmul_precision", "highest")
 def pytest_collection_modifyitems(config, items):
     if jax.default_backend() == "gpu":
         return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU (run on the H200 through the device tool)")
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:
         if item.get_closest_marker("gpu"):
             item.add_marker(skip)

@@ -1,5 +1,9 @@
-"""Input hardening: wide and unsigned labels, messages that name the argument and the fix."""
+"""Hardening: wide and unsigned labels, messages that name the argument and the fix, test-suite wording."""
 
+import pathlib
+import tomllib
+
+import conftest
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,6 +17,9 @@ LOSSES = {
     "fused-xla": lambda *a, **k: jaxdistill.fused_linear_jsd_loss(*a, implementation="xla", chunk_size=4, **k),
     "reference": reference.fused_linear_jsd_loss,
 }
+
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _arrays(p):
@@ -146,3 +153,22 @@ def test_labels_as_a_python_sequence_is_a_type_error_saying_to_pass_an_array(los
         loss_fn(*_arrays(p), labels)
     with pytest.raises(TypeError, match="np.asarray"):
         loss_fn(*_arrays(p), labels)
+
+
+def test_the_gpu_marker_and_its_skip_reason_name_the_requirement_only():
+    ini = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]
+    assert ini["markers"] == ["gpu: needs a CUDA GPU (skipped where none is present)"]
+
+    class Item:
+        markers = []
+
+        def get_closest_marker(self, name):
+            return name == "gpu"
+
+        def add_marker(self, marker):
+            self.markers.append(marker)
+
+    item = Item()
+    conftest.pytest_collection_modifyitems(None, [item])
+    if jax.default_backend() != "gpu":
+        assert [m.kwargs["reason"] for m in item.markers] == ["needs a CUDA GPU"]
