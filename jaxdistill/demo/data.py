@@ -155,12 +155,14 @@ class CorpusTooShortError(ValueError):
 def batch_starts(n_tokens: int, *, steps: int, batch_size: int, seq_len: int, seed: int) -> np.ndarray:
     """(steps, batch_size) random window starts in a stream of ``n_tokens`` tokens.
 
-    Drawn once from ``seed``, so every model trained with the same seed sees the same batches.
+    A window is ``seq_len + 1`` tokens (inputs and their next-token labels), so the starts are
+    uniform over 0 … n_tokens − seq_len − 1, both ends included. Drawn once from ``seed``, so
+    every model trained with the same seed sees the same batches.
     """
-    if n_tokens < seq_len + 2:
+    if n_tokens < seq_len + 1:
         raise CorpusTooShortError(f"the training stream ({n_tokens} tokens) is shorter than one window ({seq_len + 1})")
     rng = np.random.default_rng(seed)
-    return rng.integers(0, n_tokens - seq_len - 1, size=(steps, batch_size))
+    return rng.integers(0, n_tokens - seq_len, size=(steps, batch_size))
 
 
 def windows(tokens: np.ndarray, starts: np.ndarray, seq_len: int) -> tuple[np.ndarray, np.ndarray]:

@@ -14,6 +14,7 @@ import pathlib
 import shutil
 import tempfile
 
+import numpy as np
 from matplotlib.figure import Figure
 
 STUDENTS = {"student_ce": "CE-only student", "student_distilled": "distilled student"}
@@ -26,25 +27,87 @@ COMPARED = [
     ("accuracy", "next-token accuracy", False),
 ]
 FRACTIONS = ("agreement", "accuracy")
+VERDICTS = {
+    "better": "distilled better",
+    "worse": "distilled worse",
+    "within_noise": "within noise",
+    "no_estimate": "noise not estimated (fewer than 2 held-out blocks)",
+}
+# Two-sided 95% quantiles of Student's t with 1 … 30 degrees of freedom.
+_T95 = (12.71, 4.30, 3.18, 2.78, 2.57, 2.45, 2.36, 2.31, 2.26, 2.23, 2.20, 2.18, 2.16, 2.14, 2.13)
+_T95 += (2.12, 2.11, 2.10, 2.09, 2.09, 2.08, 2.07, 2.07, 2.06, 2.06, 2.06, 2.05, 2.05, 2.05, 2.04)
 
 
-def compare(heldout: dict) -> dict:
-    """For each compared metric: both values, distilled − CE-only, and whether the distilled student is better."""
+def t95(degrees_of_freedom: int) -> float:
+    """The two-sided 95% quantile of Student's t (within 0.005 beyond the table: 1.96 + 2.4/df)."""
+    if degrees_of_freedom <= len(_T95):
+        return _T95[degrees_of_freedom - 1]
+    return 1.96 + 2.4 / degrees_of_freedom
+
+
+def noise(block_differences: list[float]) -> dict:
+    """Standard error of the mean per-block difference and the 95% noise threshold.
+
+    The held-out windows are split into blocks of consecutive text; each block gives one paired
+    difference (distilled − CE-only, same text for both students). The threshold is
+    t95(blocks − 1) × standard error: a difference within it is not told apart from the
+    noise of which held-out text was drawn. Blocks of nearby text are not fully independent,
+    so this is an estimate, not a guarantee.
+    """
+    samples = np.asarray(block_differences, dtype=np.float64)
+    if samples.size < 2:
+        return {"blocks": int(samples.size), "standard_error": None, "threshold": None}
+    standard_error = float(np.std(samples, ddof=1) / np.sqrt(samples.size))
+    return {
+        "blocks": int(samples.size),
+        "standard_error": standard_error,
+        "threshold": t95(samples.size - 1) * standard_error,
+    }
+
+
+def compare(heldout: dict, block_differences: dict[str, list[float]]) -> dict:
+    """For each compared metric: both values, distilled − CE-only, its noise and the verdict.
+
+    ``verdict`` is ``"better"`` or ``"worse"`` (for the distilled student) only when the
+    difference exceeds the noise threshold of :func:`noise`, else ``"within_noise"``;
+    perplexity, exp(cross-entropy), takes the verdict of the cross-entropy.
+
+    Args:
+      heldout: per-token metrics of ``student_ce`` and ``student_distilled``.
+      block_differences: metric → per-block differences distilled − CE-only (no perplexity).
+    """
     comparison = {}
     for key, _, lower_is_better in COMPARED:
         ce_only, distilled = heldout["student_ce"][key], heldout["student_distilled"][key]
         difference = distilled - ce_only
-        comparison[key] = {
+        entry = {
             "ce_only": ce_only,
             "distilled": distilled,
             "distilled_minus_ce_only": difference,
             "relative_change": difference / ce_only if ce_only else None,
-            "distilled_better": bool(difference < 0 if lower_is_better else difference > 0),
         }
+        if key == "perplexity":
+            entry["verdict"] = comparison["ce"]["verdict"]
+        else:
+            entry.update(noise(block_differences[key]))
+            if entry["threshold"] is None:
+                entry["verdict"] = "no_estimate"
+            elif abs(difference) <= entry["threshold"]:
+                entry["verdict"] = "within_noise"
+            else:
+                entry["verdict"] = "better" if (difference < 0) == lower_is_better else "worse"
+        comparison[key] = entry
     return comparison
 
 
-def _fmt(key: str, value: float, *, signed: bool = False) -> str:
+def format_noise(key: str, entry: dict) -> str:
+    """The noise threshold of a compared metric in its unit, e.g. ``"±0.0251 nats/token"``."""
+    if entry.get("threshold") is None:
+        return "no noise estimate"
+    return "±" + format_value(key, entry["threshold"], signed=True).removeprefix("+")
+
+
+def format_value(key: str, value: float, *, signed: bool = False) -> str:
     """A metric value (or a signed difference) with its unit."""
     sign = "+" if signed else ""
     if key in FRACTIONS:
@@ -103,22 +166,51 @@ def summary_markdown(metrics: dict) -> str:
             f"| {label} | {h['ce']:.4f} | {h['perplexity']:.2f} | {h['kl_to_teacher']:.4f} "
             f"| {100 * h['agreement']:.2f}% | {100 * h['accuracy']:.2f}% |"
         )
-    lines += ["", "## Distilled vs CE-only student", ""]
+    blocks = metrics["heldout_blocks"]
+    n_blocks = comparison["ce"].get("blocks", 0)
+    lines += [
+        "",
+        "## Distilled vs CE-only student",
+        "",
+        f"Noise: the held-out windows form {_count(n_blocks, 'block')} of {blocks['tokens_per_block']:,} "
+        "consecutive tokens; each block gives one paired difference (distilled − CE-only, same text). A "
+        "difference is called better or worse only beyond the noise threshold t₉₅ × (standard error of the "
+        "mean block difference), a 95% interval; within it the two students are not told apart. Blocks of "
+        "nearby text are not fully independent, so the threshold is an estimate.",
+        "",
+    ]
     for key, label, lower_is_better in COMPARED:
         c = comparison[key]
         relative = "" if c["relative_change"] is None else f" ({100 * c['relative_change']:+.1f}%)"
+        if key == "perplexity":
+            noise_text = "verdict of the cross-entropy"
+        else:
+            noise_text = f"noise threshold {format_noise(key, c)}"
+        verdict = {
+            "better": "the distilled student is **better**",
+            "worse": "the distilled student is **worse**",
+            "within_noise": "**within noise**",
+            "no_estimate": "**no verdict** (too few blocks to estimate the noise)",
+        }[c["verdict"]]
         lines.append(
-            f"- {label}: distilled {_fmt(key, c['distilled'])} vs CE-only {_fmt(key, c['ce_only'])}; "
-            f"difference {_fmt(key, c['distilled_minus_ce_only'], signed=True)}{relative} → the distilled student "
-            f"is **{'better' if c['distilled_better'] else 'not better'}** ({'lower' if lower_is_better else 'higher'} "
-            "is better)."
+            f"- {label}: distilled {format_value(key, c['distilled'])} vs CE-only {format_value(key, c['ce_only'])}; "
+            f"difference {format_value(key, c['distilled_minus_ce_only'], signed=True)}{relative}, {noise_text} → "
+            f"{verdict} ({'lower' if lower_is_better else 'higher'} is better)."
         )
-    wins = [comparison[k]["distilled_better"] for k in ("ce", "agreement")]
+
+    def verdict_phrase(key, other, what):
+        return {
+            "better": f"beats {other} on {what}",
+            "worse": f"is worse than {other} on {what}",
+            "within_noise": f"is within noise of {other} on {what}",
+            "no_estimate": f"is not compared with {other} on {what} (no noise estimate)",
+        }[comparison[key]["verdict"]]
+
     lines += [
         "",
         "**Verdict** (from the numbers above): the distilled student "
-        f"{'beats' if wins[0] else 'does not beat'} the CE-only student on held-out cross-entropy and "
-        f"{'beats' if wins[1] else 'does not beat'} it on top-1 agreement with the teacher.",
+        f"{verdict_phrase('ce', 'the CE-only student', 'held-out cross-entropy')} and "
+        f"{verdict_phrase('agreement', 'it', 'top-1 agreement with the teacher')}.",
         "",
         "## Time",
         "",

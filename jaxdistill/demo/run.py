@@ -17,13 +17,16 @@ from tqdm import tqdm
 from jaxdistill.demo import data, report
 from jaxdistill.demo.config import DemoConfig, build_parser, parse_config
 from jaxdistill.demo.train import (
+    block_differences,
+    cache_teacher,
     ce_train_step,
     count_params,
     distill_train_step,
-    evaluate,
     make_model,
     make_optimizer,
+    per_token,
     train,
+    window_sums,
 )
 from jaxdistill.fused import resolve_implementation
 from jaxdistill.training import DistillConfig
@@ -63,6 +66,8 @@ def run(config: DemoConfig) -> dict:
     windows = dict(batch_size=config.batch_size, seq_len=config.seq_len)
     teacher_starts = data.batch_starts(len(train_tokens), steps=config.teacher_steps, seed=config.seed, **windows)
     student_starts = data.batch_starts(len(train_tokens), steps=config.student_steps, seed=config.seed + 1, **windows)
+    # The curve windows are the first ones of the final evaluation's windows (both start at
+    # the beginning of the held-out stream).
     curve_tokens = min(config.curve_eval_tokens, config.eval_tokens)
     curve_inputs, curve_labels = data.heldout_windows(
         heldout_tokens, config.seq_len, max(1, curve_tokens // config.seq_len)
@@ -88,9 +93,21 @@ def run(config: DemoConfig) -> dict:
     loss_config = DistillConfig(
         beta=config.beta, temperature=config.temperature, soft_weight=1.0, hard_weight=config.hard_weight
     )
+    # The teacher is frozen from here on: its outputs on the curve windows are computed once.
+    begin_cache = time.perf_counter()
+    curve_teacher = cache_teacher(teacher, curve_inputs, batch_size=config.batch_size)
+    timings["teacher_curve_outputs"] = time.perf_counter() - begin_cache
 
-    def curve_point(student):
-        return evaluate(teacher, student, curve_inputs, curve_labels, batch_size=config.batch_size)[0]
+    def curve_point(student, cached):
+        sums = window_sums(
+            teacher,
+            {"student": student},
+            curve_inputs,
+            curve_labels,
+            batch_size=config.batch_size,
+            cached=cached,
+        )
+        return per_token(sums["student"], config.seq_len)
 
     students = {}
     for role, desc in [("student_ce", "student (CE only)"), ("student_distilled", "student (distilled)")]:
@@ -107,21 +124,32 @@ def run(config: DemoConfig) -> dict:
             student_starts,
             seq_len=config.seq_len,
             progress=config.progress,
-            eval_fn=functools.partial(curve_point, student),
+            eval_fn=functools.partial(curve_point, student, curve_teacher),
             eval_every=config.eval_every,
         )
         timings[role] = curves[role]["seconds"]
         students[role] = student
+    del curve_teacher
 
+    # One pass over the held-out windows: the teacher once per batch, both students on its output.
     begin_eval = time.perf_counter()
     n_batches = -(-len(inputs) // config.batch_size)
-    heldout = {}
-    with tqdm(total=2 * n_batches, desc="held-out eval", unit="batch", disable=not config.progress) as bar:
-        for role, student in students.items():
-            heldout[role], heldout["teacher"] = evaluate(
-                teacher, student, inputs, labels, batch_size=config.batch_size, progress=bar
-            )
+    with tqdm(total=n_batches, desc="held-out eval", unit="batch", disable=not config.progress) as bar:
+        sums = window_sums(teacher, students, inputs, labels, batch_size=config.batch_size, progress=bar)
+    heldout = {role: per_token(role_sums, config.seq_len) for role, role_sums in sums.items()}
+    del heldout["teacher"]["tokens"]
     heldout["tokens"] = int(labels.size)
+    # The last point of each learning curve: the final students on the curve windows, from the same pass.
+    for role in students:
+        point = per_token(sums[role], config.seq_len, windows=len(curve_inputs))
+        curves[role]["eval"].append({"step": config.student_steps, **point})
+    noise = {
+        "windows_per_block": config.batch_size,
+        "tokens_per_block": config.batch_size * config.seq_len,
+        "differences": block_differences(
+            sums["student_ce"], sums["student_distilled"], config.seq_len, config.batch_size
+        ),
+    }
     timings["heldout_eval"] = time.perf_counter() - begin_eval
     timings["total"] = time.perf_counter() - begin
 
@@ -152,7 +180,8 @@ def run(config: DemoConfig) -> dict:
         },
         "timings_s": timings,
         "heldout": heldout,
-        "comparison": report.compare(heldout),
+        "heldout_blocks": noise,
+        "comparison": report.compare(heldout, noise["differences"]),
         "curves": curves,
     }
 
@@ -173,7 +202,9 @@ def main(argv: list[str] | None = None) -> int:
     for key, label in [("ce", "held-out CE"), ("agreement", "top-1 agreement with teacher")]:
         c = comparison[key]
         print(
-            f"{label}: CE-only {c['ce_only']:.4f}, distilled {c['distilled']:.4f} "
-            f"({'distilled better' if c['distilled_better'] else 'distilled not better'})"
+            f"{label}: CE-only {report.format_value(key, c['ce_only'])}, distilled "
+            f"{report.format_value(key, c['distilled'])}, difference "
+            f"{report.format_value(key, c['distilled_minus_ce_only'], signed=True)} "
+            f"(noise threshold {report.format_noise(key, c)}): {report.VERDICTS[c['verdict']]}"
         )
     return 0

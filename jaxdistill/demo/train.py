@@ -60,45 +60,100 @@ distill_train_step = nnx.jit(train_step, static_argnames="config")
 
 
 @nnx.jit
-def eval_sums(teacher, student, inputs, labels):
-    """Sums over the (B, L) tokens of: student CE, KL(teacher‖student), top-1 agreement, accuracies, teacher CE.
+def teacher_log_probs(teacher, inputs):
+    """(B, L, V) float32 log-probabilities of the frozen teacher at temperature 1."""
+    return jax.nn.log_softmax(teacher(inputs))
 
-    All at temperature 1 on materialized logits (the evaluation is small).
-    """
-    log_p = jax.nn.log_softmax(teacher(inputs))
-    log_q = jax.nn.log_softmax(student(inputs))
-    pick = labels[..., None]
-    teacher_top1, student_top1 = jnp.argmax(log_p, -1), jnp.argmax(log_q, -1)
+
+@jax.jit
+def teacher_window_sums(log_p, labels):
+    """Per-window (B,) sums over the L tokens: the teacher's ``ce`` and ``accuracy``."""
     return {
-        "ce": -jnp.sum(jnp.take_along_axis(log_q, pick, -1)),
-        "kl_to_teacher": jnp.sum(jnp.exp(log_p) * (log_p - log_q)),
-        "agreement": jnp.sum(student_top1 == teacher_top1),
-        "accuracy": jnp.sum(student_top1 == labels),
-        "teacher_ce": -jnp.sum(jnp.take_along_axis(log_p, pick, -1)),
-        "teacher_accuracy": jnp.sum(teacher_top1 == labels),
+        "ce": -jnp.sum(jnp.take_along_axis(log_p, labels[..., None], -1)[..., 0], -1),
+        "accuracy": jnp.sum(jnp.argmax(log_p, -1) == labels, -1),
     }
 
 
-def evaluate(teacher, student, inputs: np.ndarray, labels: np.ndarray, *, batch_size: int, progress=None):
-    """Per-token held-out metrics of ``student`` and of ``teacher`` over (n, L) windows, in batches.
+@nnx.jit
+def student_window_sums(student, log_p, inputs, labels):
+    """Per-window (B,) sums over the L tokens: the student's ``ce``, ``kl_to_teacher``
+    (KL(teacher‖student)), ``agreement`` (same top-1 token as the teacher) and ``accuracy``.
+
+    ``log_p``: (B, L, V) teacher log-probabilities. Temperature 1, materialized logits (the
+    evaluation is small).
+    """
+    log_q = jax.nn.log_softmax(student(inputs))
+    student_top1 = jnp.argmax(log_q, -1)
+    return {
+        "ce": -jnp.sum(jnp.take_along_axis(log_q, labels[..., None], -1)[..., 0], -1),
+        "kl_to_teacher": jnp.sum(jnp.exp(log_p) * (log_p - log_q), (-2, -1)),
+        "agreement": jnp.sum(student_top1 == jnp.argmax(log_p, -1), -1),
+        "accuracy": jnp.sum(student_top1 == labels, -1),
+    }
+
+
+def cache_teacher(teacher, inputs: np.ndarray, *, batch_size: int) -> list[jax.Array]:
+    """The teacher's log-probabilities on (n, L) windows, one (B, L, V) array per batch.
+
+    Computed once and reused by every evaluation on these windows (the teacher is frozen);
+    they take n · L · V · 4 bytes (64 MB for the learning-curve windows of the cpu preset).
+    """
+    batches = [teacher_log_probs(teacher, inputs[i : i + batch_size]) for i in range(0, len(inputs), batch_size)]
+    return jax.block_until_ready(batches)
+
+
+def window_sums(
+    teacher, students: dict, inputs: np.ndarray, labels: np.ndarray, *, batch_size: int, cached=None, progress=None
+) -> dict[str, dict[str, np.ndarray]]:
+    """Per-window sums of every metric over (n, L) held-out windows, evaluated in batches.
+
+    The teacher runs once per batch and serves every student (or ``cached``, from
+    :func:`cache_teacher` on the same windows and batch size, replaces it).
 
     Returns:
-      (student, teacher) dicts. student: ``ce`` (nats/token), ``perplexity`` = exp(ce),
-      ``kl_to_teacher`` (nats/token), ``agreement`` and ``accuracy`` (fractions), ``tokens``;
-      teacher: ``ce``, ``perplexity``, ``accuracy``.
+      ``{"teacher": {ce, accuracy}, name: {ce, kl_to_teacher, agreement, accuracy}, …}`` for
+      each ``name`` of ``students``; every value an (n,) float64 array of sums over L tokens.
     """
-    sums = None
-    for start in range(0, len(inputs), batch_size):
-        batch = eval_sums(teacher, student, inputs[start : start + batch_size], labels[start : start + batch_size])
-        sums = batch if sums is None else jax.tree.map(jnp.add, sums, batch)
+    batches = []
+    for k, start in enumerate(range(0, len(inputs), batch_size)):
+        window = slice(start, start + batch_size)
+        log_p = teacher_log_probs(teacher, inputs[window]) if cached is None else cached[k]
+        sums = {"teacher": teacher_window_sums(log_p, labels[window])}
+        for name, student in students.items():
+            sums[name] = student_window_sums(student, log_p, inputs[window], labels[window])
+        batches.append(sums)
         if progress is not None:
             progress.update(1)
-    means = {key: float(value) / labels.size for key, value in jax.device_get(sums).items()}
-    teacher_metrics = {key.removeprefix("teacher_"): means.pop(key) for key in ("teacher_ce", "teacher_accuracy")}
-    for metrics in (means, teacher_metrics):
-        metrics["perplexity"] = float(np.exp(metrics["ce"]))
-    means["tokens"] = int(labels.size)
-    return means, teacher_metrics
+    batches = jax.device_get(batches)
+    return {
+        role: {key: np.concatenate([b[role][key] for b in batches]).astype(np.float64) for key in batches[0][role]}
+        for role in batches[0]
+    }
+
+
+def per_token(sums: dict[str, np.ndarray], tokens_per_window: int, windows: int | None = None) -> dict:
+    """Per-token means of per-window sums (over the first ``windows`` windows, default all), with
+    ``perplexity`` = exp(ce) and ``tokens``."""
+    n = len(next(iter(sums.values()))) if windows is None else windows
+    means = {key: float(np.sum(value[:n])) / (n * tokens_per_window) for key, value in sums.items()}
+    means["perplexity"] = float(np.exp(means["ce"]))
+    means["tokens"] = n * tokens_per_window
+    return means
+
+
+def block_differences(a: dict, b: dict, tokens_per_window: int, windows_per_block: int) -> dict[str, list[float]]:
+    """Per-token differences b − a of every metric, one per block of ``windows_per_block``
+    consecutive windows (the last block may be shorter): the samples of the noise estimate."""
+    n = len(next(iter(a.values())))
+    starts = range(0, n, windows_per_block)
+    return {
+        key: [
+            float(np.sum(b[key][i : i + windows_per_block] - a[key][i : i + windows_per_block]))
+            / (min(windows_per_block, n - i) * tokens_per_window)
+            for i in starts
+        ]
+        for key in a
+    }
 
 
 def train(
@@ -114,10 +169,12 @@ def train(
 ) -> dict:
     """Run ``step_fn(batch) -> metrics`` over the batches at ``starts`` (steps, B); returns the curves.
 
-    Every ``eval_every`` steps (and before the first and after the last) ``eval_fn()`` adds a
-    held-out point: ``eval_fn() -> dict``. The returned dict has ``step`` and one list per
-    training metric, ``eval`` (a list of ``{"step", **metrics}``) and ``seconds`` (wall time,
-    compilation and evaluations included).
+    Every ``eval_every`` steps, from the first, ``eval_fn()`` adds a held-out point:
+    ``eval_fn() -> dict`` (the point after the last step is the caller's: it comes from the
+    final evaluation). The progress bar shows the training cross-entropy (``hard_loss`` of a
+    distillation step, ``loss`` of a CE step) and, for distillation, the soft loss. The returned
+    dict has ``step`` and one list per training metric, ``eval`` (a list of ``{"step",
+    **metrics}``) and ``seconds`` (wall time, compilation and evaluations included).
     """
     begin = time.perf_counter()
     history, evals = [], []
@@ -130,10 +187,11 @@ def train(
             metrics = step_fn({"inputs": jnp.asarray(inputs), "labels": jnp.asarray(labels)})
             history.append(metrics)
             if step % 10 == 0 or step == steps - 1:
-                bar.set_postfix(loss=f"{float(metrics['loss']):.3f}")
+                shown = {"ce": f"{float(metrics.get('hard_loss', metrics['loss'])):.3f}"}
+                if "soft_loss" in metrics:
+                    shown["soft"] = f"{float(metrics['soft_loss']):.3f}"
+                bar.set_postfix(shown)
             bar.update(1)
-        if eval_fn is not None:
-            evals.append({"step": steps, **eval_fn()})
     history = jax.device_get(history)
     curves = {"step": list(range(1, steps + 1))}
     for key in ("loss", "soft_loss", "hard_loss"):
