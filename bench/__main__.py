@@ -2,29 +2,29 @@
 
 Usage::
 
-    python -m bench --preset tiny --out /tmp/bench-tiny            # CPU smoke run, < 1 minute
+    python -m bench --preset tiny --out /tmp/bench-tiny            # CPU smoke run, about a minute
     python -m bench --preset llama:2048,8192,32768 gemma:8192 llama:65536 \\
         --impl matmul-floor xla pallas reference liger --time-budget 540 --out $OUT   # H200
     python -m bench --replot --out $OUT                             # table and plots again
 
-``--preset NAME[:N,N,...]`` (repeatable in one list) picks a teacher/student pair — ``tiny``,
-``llama`` (Ht 4096, Hs 2048, V 128256), ``qwen`` (4096, 2048, V 151936), ``gemma`` (3840, 1152,
-V 262144) — and the N (tokens) to sweep; without ``:N,...`` the preset's own sweep.
-``--hidden-teacher/--hidden-student/--vocab`` override the preset's shapes.
+``--preset NAME[:N,N,...]`` (repeatable in one list) picks a teacher/student pair (``--help``
+lists them with their shapes) and the N (tokens) to sweep; without ``:N,...`` the preset's own
+sweep. ``--hidden-teacher/--hidden-student/--vocab`` override the preset's shapes.
 ``--impl`` chooses among ``matmul-floor`` (the four matmuls alone), ``xla`` and ``pallas``
 (:func:`jaxdistill.fused_linear_jsd_loss`), ``reference`` (materialized logits + autodiff) and
 ``liger`` (Liger-Kernel's LigerFusedLinearJSDLoss through torch; a ``skipped`` row where torch or
-liger-kernel is missing). All get the same inputs and β, T, soft/hard weights.
+liger-kernel is missing). All get the same inputs and β, T,
+soft/hard weights.
 
 Every case runs in a fresh worker process (:mod:`bench.suite`), so that its peak device memory
 is its own and an out-of-memory or a crash is one row. ``--time-budget`` stops starting cases
 (and cuts a running one) when the budget is spent; the remaining cases become ``skipped`` rows.
 
 Writes, in ``--out``: ``rows.jsonl`` (one JSON object per case, appended as each finishes, with
-date, device, jax version, git sha and full config), ``results.md`` (the table, rewritten after
-every row), ``time.png`` and ``memory.png`` (one line per implementation against N, one panel per
-preset) and ``workers.log`` (the workers' output). ``--replot`` rebuilds table and plots from an
-existing ``rows.jsonl``. The table is printed last.
+date, device, jax and jaxlib versions, git sha and full config), ``results.md`` (the table,
+rewritten after every row), ``time.png`` and ``memory.png`` (one line per implementation against
+N, one panel per preset) and ``workers.log`` (the workers' output).
+``--replot`` rebuilds table and plots from an existing ``rows.jsonl``. The table is printed last.
 
 Set-up of the workers: ``XLA_PYTHON_CLIENT_PREALLOCATE=false`` (JAX and torch share the GPU in
 the Liger rows) and ``XLA_PYTHON_CLIENT_MEM_FRACTION=0.95`` unless already set.
@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import json
 import os
 import signal
@@ -46,10 +45,18 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from bench import report
-from bench.cases import IMPLEMENTATIONS, PRESETS, Case, Problem, is_oom, liger_missing_reason
+from bench import common, report
+from bench.cases import (
+    IMPLEMENTATIONS,
+    PRESETS,
+    Case,
+    Problem,
+    is_oom,
+    liger_missing_reason,
+    presets_help,
+)
+from bench.common import REPO_ROOT, HelpFormatter, add_git_sha_flag
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 MIN_CASE_START_S = 15.0  # with less budget than this left, no new case is started
 WORKER_ENV_DEFAULTS = {"XLA_PYTHON_CLIENT_PREALLOCATE": "false", "XLA_PYTHON_CLIENT_MEM_FRACTION": "0.95"}
 
@@ -72,39 +79,60 @@ def parse_preset(spec: str) -> tuple[str, tuple[int, ...] | None]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m bench", description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m bench",
+        description=__doc__.split("\n")[0],
+        epilog="presets (--preset NAME or NAME:N,N,...; Ht/Hs = teacher/student hidden size):\n" + presets_help(),
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("--out", type=Path, required=True, help="output directory (created)")
     parser.add_argument(
-        "--preset", type=parse_preset, nargs="+", default=[("tiny", None)], help="NAME[:N,N,...] (default: tiny)"
+        "--preset",
+        type=parse_preset,
+        nargs="+",
+        default=[("tiny", None)],
+        metavar="NAME[:N,...]",
+        help="presets (listed below) and the N to sweep (default: tiny with its own N)",
     )
-    parser.add_argument("--impl", nargs="+", choices=IMPLEMENTATIONS, default=list(IMPLEMENTATIONS))
-    parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
-    parser.add_argument("--beta", type=float, default=0.5)
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--soft-weight", type=float, default=0.5)
-    parser.add_argument("--hard-weight", type=float, default=0.5)
+    parser.add_argument(
+        "--impl",
+        nargs="+",
+        choices=IMPLEMENTATIONS,
+        default=list(IMPLEMENTATIONS),
+        metavar="IMPL",
+        help=f"implementations, run in this order: {', '.join(IMPLEMENTATIONS)} (default: all)",
+    )
+    parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16", help="inputs' dtype")
+    parser.add_argument("--beta", type=float, default=0.5, help="JSD β in [0, 1]")
+    parser.add_argument("--temperature", type=float, default=1.0, help="softmax temperature T of the soft loss")
+    parser.add_argument("--soft-weight", type=float, default=0.5, help="weight of the JSD (soft) loss")
+    parser.add_argument("--hard-weight", type=float, default=0.5, help="weight of the cross-entropy (hard) loss")
     parser.add_argument("--ignore-fraction", type=float, default=0.05, help="fraction of tokens with ignored labels")
-    parser.add_argument("--chunk-size", type=int, default=None, help="rows per chunk (default: the library's)")
-    parser.add_argument("--hidden-teacher", type=int, default=None, help="override the preset's Ht")
-    parser.add_argument("--hidden-student", type=int, default=None, help="override the preset's Hs")
-    parser.add_argument("--vocab", type=int, default=None, help="override the preset's V")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument(
+        "--chunk-size",
+        type=int,
+        default=None,
+        help="rows per chunk of the chunked implementations (default: jaxdistill.default_chunk_size(V))",
+    )
+    parser.add_argument("--hidden-teacher", type=int, default=None, help="override Ht (default: the preset's)")
+    parser.add_argument("--hidden-student", type=int, default=None, help="override Hs (default: the preset's)")
+    parser.add_argument("--vocab", type=int, default=None, help="override V (default: the preset's)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the inputs (the same in every case)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed calls before the timed ones")
     parser.add_argument("--iters", type=int, default=10, help="timed calls per measurement (>= 10)")
     parser.add_argument(
         "--error-max-n", type=int, default=16384, help="compute errors against the float32 reference up to this N"
     )
     parser.add_argument("--time-budget", type=float, default=None, help="seconds for the whole run (default: none)")
     parser.add_argument("--case-timeout", type=float, default=600.0, help="seconds for one case")
-    parser.add_argument("--git-sha", default=None, help="recorded in the rows (default: git rev-parse HEAD)")
+    add_git_sha_flag(parser)
     parser.add_argument("--append", action="store_true", help="keep the rows already in --out")
     parser.add_argument("--replot", action="store_true", help="only rebuild table and plots from --out's rows")
     return parser
 
 
 def build_cases(args) -> list[Case]:
-    """Cases in run order: presets and N as given, within each the implementations in canonical order.
+    """Cases in run order: presets and N as given, within each problem the implementations in
+    canonical order.
 
     The matmul floor goes first in each problem so that later rows can report their ratio to it.
     """
@@ -135,25 +163,15 @@ def build_cases(args) -> list[Case]:
     return cases
 
 
-def git_sha() -> str | None:
-    """HEAD of the repository, with ``+dirty`` for uncommitted changes; None outside a checkout."""
-    try:
-        sha = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT, capture_output=True, text=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return sha + ("+dirty" if dirty else "")
-
-
 class Runner:
     """Runs cases in worker processes within a time budget; kills the running worker on demand."""
 
     def __init__(
-        self, out_dir: Path, time_budget: float | None, case_timeout: float, compilation_cache_dir: str | None = None
+        self,
+        out_dir: Path,
+        time_budget: float | None,
+        case_timeout: float,
+        compilation_cache_dir: str | None = None,
     ):
         self.out_dir = out_dir
         self.deadline = None if time_budget is None else time.monotonic() + time_budget
@@ -192,7 +210,7 @@ class Runner:
         timeout = self.case_timeout if remaining is None else min(self.case_timeout, remaining)
         with tempfile.TemporaryDirectory() as tmp, open(self.out_dir / "workers.log", "a") as log:
             result_path = Path(tmp) / "row.json"
-            log.write(f"==== {case.problem.preset} N={case.problem.n} {case.impl}\n")
+            log.write(f"==== {case_name(case)}\n")
             log.flush()
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "bench.suite", case.to_json(), str(result_path)],
@@ -225,9 +243,13 @@ def _tail(path: Path, n_bytes: int = 4000) -> str:
         return f.read().decode(errors="replace")
 
 
+def case_name(case: Case) -> str:
+    return f"{case.problem.preset} N={case.problem.n} {case.impl}"
+
+
 def summary_line(row: dict) -> str:
     config = row["config"]
-    head = f"{config['preset']:>6} N={config['n']:<6} {row['impl']:<12}"
+    head = f"{config['preset']:>6} N={config['n']:<6} {row['impl']:<20}"
     if row["status"] != "ok":
         return f"{head} {row['status']}: {(row.get('reason') or '')[:150]}"
     ratio = row.get("ratio_to_floor")
@@ -254,10 +276,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in (report.ROWS_FILE, "workers.log"):
             (out_dir / name).unlink(missing_ok=True)
 
-    meta = {
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "git_sha": args.git_sha or git_sha(),
-    }
+    meta = {"date": common.utc_now(), "git_sha": args.git_sha or common.git_sha()}
     with tempfile.TemporaryDirectory(prefix="bench-jax-cache-") as cache_dir:
         runner = Runner(out_dir, args.time_budget, args.case_timeout, compilation_cache_dir=cache_dir)
         completed = run_cases(build_cases(args), runner, out_dir, meta)
@@ -276,7 +295,7 @@ def run_cases(cases: list[Case], runner: Runner, out_dir: Path, meta: dict) -> b
     progress = tqdm(cases, desc="bench", unit="case", dynamic_ncols=True, file=sys.stderr)
     try:
         for case in progress:
-            progress.set_postfix_str(f"{case.problem.preset} N={case.problem.n} {case.impl}")
+            progress.set_postfix_str(case_name(case))
             start = time.monotonic()
             measured = runner.run(case)
             row = {

@@ -29,6 +29,20 @@ PRESETS = {
 }
 
 
+def presets_help() -> str:
+    """The presets as a text table (for ``--help``): name, Ht, Hs, V, default N sweep, models."""
+    head = ("preset", "Ht", "Hs", "V", "default N", "models")
+    lines = [head] + [
+        (name, str(p.hidden_teacher), str(p.hidden_student), str(p.vocab), ",".join(map(str, p.sizes)), p.models)
+        for name, p in PRESETS.items()
+    ]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(head) - 1)]
+    return "\n".join(
+        "  " + "  ".join(cell.ljust(w) for cell, w in zip(line[:-1], widths, strict=True)) + "  " + line[-1]
+        for line in lines
+    )
+
+
 @dataclasses.dataclass(frozen=True)
 class Problem:
     """Shapes, dtype and hyper-parameters of one benchmark problem (a row's ``config``)."""

@@ -20,7 +20,6 @@ table and writes ``DIR/kernel_sweep.json``.
 from __future__ import annotations
 
 import argparse
-import datetime
 import functools
 import itertools
 import json
@@ -34,7 +33,9 @@ import traceback
 import jax
 import jax.numpy as jnp
 
+from bench import common
 from bench.cases import IGNORE_INDEX
+from bench.common import HelpFormatter, add_git_sha_flag
 from bench.suite import percentiles_ms, time_calls
 from jaxdistill import rowmath
 from pallas_kernels import RowKernelConfig, default_row_kernel_config, distill_rows_pallas
@@ -44,22 +45,67 @@ IGNORED_FRACTION = 0.05
 F32_BYTES = 4
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    ints = lambda text: [int(x) for x in text.split(",")]  # noqa: E731
-    floats = lambda text: [float(x) for x in text.split(",")]  # noqa: E731
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", type=pathlib.Path, required=True, help="directory for kernel_sweep.json")
-    p.add_argument("--rows", type=int, default=1024)
-    p.add_argument("--vocab", type=int, default=128256)
-    p.add_argument("--betas", type=floats, default=[0.0, 0.5, 1.0])
-    p.add_argument("--block-v", type=ints, default=[2048, 4096, 8192])
-    p.add_argument("--num-warps", type=ints, default=[4, 8, 16])
-    p.add_argument("--num-stages", type=ints, default=[1, 2, 3])
-    p.add_argument("--dlogits-dtype", default="bfloat16")
+DEFAULT_BETAS = (0.0, 0.5, 1.0)
+DEFAULT_BLOCK_V = (2048, 4096, 8192)
+DEFAULT_NUM_WARPS = (4, 8, 16)
+DEFAULT_NUM_STAGES = (1, 2, 3)
+
+
+def _csv(values) -> str:
+    return ",".join(f"{v:g}" for v in values)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m bench.kernel_sweep", description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter
+    )
+    p.add_argument("--out", type=pathlib.Path, required=True, help="directory for kernel_sweep.json (created)")
+    p.add_argument("--rows", type=int, default=1024, help="logits rows per call (one chunk of the fused loss)")
+    p.add_argument("--vocab", type=int, default=128256, help="vocabulary size V (logits columns)")
+    p.add_argument(
+        "--betas",
+        type=_floats,
+        default=list(DEFAULT_BETAS),
+        help=f"comma-separated JSD β values, each timed with every config (default: {_csv(DEFAULT_BETAS)})",
+    )
+    p.add_argument(
+        "--block-v",
+        type=_ints,
+        default=list(DEFAULT_BLOCK_V),
+        help=f"comma-separated vocabulary tile widths to sweep (default: {_csv(DEFAULT_BLOCK_V)})",
+    )
+    p.add_argument(
+        "--num-warps",
+        type=_ints,
+        default=list(DEFAULT_NUM_WARPS),
+        help=f"comma-separated Triton warp counts to sweep (default: {_csv(DEFAULT_NUM_WARPS)})",
+    )
+    p.add_argument(
+        "--num-stages",
+        type=_ints,
+        default=list(DEFAULT_NUM_STAGES),
+        help=f"comma-separated Triton pipeline stage counts to sweep (default: {_csv(DEFAULT_NUM_STAGES)})",
+    )
+    p.add_argument("--dlogits-dtype", default="bfloat16", help="dtype of the dlogits the kernel writes")
     p.add_argument("--iters", type=int, default=30, help="timed calls per row (>= 20 recommended)")
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--interpret", action="store_true", help="off-GPU smoke run in Pallas interpret mode")
-    return p.parse_args(argv)
+    p.add_argument("--warmup", type=int, default=3, help="untimed calls before the timed ones")
+    p.add_argument(
+        "--interpret", action="store_true", help="off-GPU smoke run in Pallas interpret mode (slow: small sizes)"
+    )
+    add_git_sha_flag(p)
+    return p
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",")]
+
+
+def _floats(text: str) -> list[float]:
+    return [float(x) for x in text.split(",")]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def make_inputs(rows, vocab, seed=0):
@@ -225,9 +271,11 @@ def main(argv=None) -> int:
     rows = sweep(cli)
     best = summarize(rows)
     result = {
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "date": common.utc_now(),
+        "git_sha": cli.git_sha or common.git_sha(),
         "device_kind": device.device_kind,
         "jax_version": jax.__version__,
+        "jaxlib_version": common.package_version("jaxlib"),
         "python": platform.python_version(),
         "argv": sys.argv[1:] if argv is None else list(argv),
         "problem": {

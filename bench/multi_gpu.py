@@ -17,9 +17,11 @@ all-gather, and counts the transposed copies of a tied (V, H) embedding head in 
 1-device step. Times: warm-up, then ``--iters`` calls each timed to ``block_until_ready``;
 median and p10/p90. Prints a table and writes ``DIR/multi_gpu.json``.
 
-Default size (per device): N = 8192 tokens, student H = 2048, teacher H = 4096, V = 128256,
-bf16. ``--tiny``: N = 64, H = 16/24, V = 257, float32, chunk 16 (a CPU smoke test, e.g. with
-``XLA_FLAGS=--xla_force_host_platform_device_count=4``).
+Sizes (``--help`` lists them): the default is the ``llama`` preset's shapes with N = 8192
+tokens per device, bf16; ``--tiny`` is a float32 CPU smoke test (e.g. with
+``XLA_FLAGS=--xla_force_host_platform_device_count=4``). ``--warmup``/``--iters`` default to the
+size's own counts; values given explicitly are used as given, with ``--tiny`` too. The JSON
+records date, git sha, jax and jaxlib versions.
 """
 
 from __future__ import annotations
@@ -39,7 +41,9 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from bench.cases import IGNORE_INDEX
+from bench import common
+from bench.cases import IGNORE_INDEX, PRESETS
+from bench.common import HelpFormatter, add_git_sha_flag
 from bench.suite import LOGIT_STD, percentiles_ms, time_calls
 from jaxdistill.fused import resolve_implementation
 from jaxdistill.heads import LMHead
@@ -60,8 +64,18 @@ class Size:
     ignore_fraction: float = 0.1
 
 
-FULL = Size(tokens_per_device=8192, hidden_student=2048, hidden_teacher=4096, vocab=128256, dtype="bfloat16")
+_LLAMA = PRESETS["llama"]
+FULL = Size(
+    tokens_per_device=8192,
+    hidden_student=_LLAMA.hidden_student,
+    hidden_teacher=_LLAMA.hidden_teacher,
+    vocab=_LLAMA.vocab,
+    dtype="bfloat16",
+)
 TINY = Size(tokens_per_device=64, hidden_student=16, hidden_teacher=24, vocab=257, dtype="float32", chunk_size=16)
+# (warm-up calls, timed calls) when --warmup / --iters are not given.
+TIMING = {"full": (3, 20), "tiny": (1, 3)}
+MIN_ITERS = 10  # the least --iters outside --tiny
 CONFIG = dict(beta=0.5, temperature=1.0, soft_weight=1.0, hard_weight=0.5)
 
 
@@ -228,7 +242,7 @@ def tied_head_copies(size: Size, device) -> dict:
     return weight_sized_copies(text, size.vocab, size.hidden_student)
 
 
-def run(size: Size, *, warmup: int, iters: int) -> dict:
+def run(size: Size, *, warmup: int, iters: int, sha: str | None = None) -> dict:
     devices = jax.devices()
     mesh = Mesh(np.asarray(devices), (AXIS,))
     inputs = draw_inputs(size, mesh)
@@ -268,6 +282,8 @@ def run(size: Size, *, warmup: int, iters: int) -> dict:
 
     stats = [d.memory_stats() or {} for d in devices]
     return {
+        "date": common.utc_now(),
+        "git_sha": sha or common.git_sha(),
         "size": dataclasses.asdict(size),
         "config": CONFIG,
         "implementation": resolve_implementation(None),
@@ -275,6 +291,7 @@ def run(size: Size, *, warmup: int, iters: int) -> dict:
         "device_kind": devices[0].device_kind,
         "platform": devices[0].platform,
         "jax_version": jax.__version__,
+        "jaxlib_version": common.package_version("jaxlib"),
         "python": platform.python_version(),
         "valid_tokens_per_device": valid_per_device.tolist(),
         "tolerance": tolerance,
@@ -318,23 +335,65 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.multi_gpu", description=__doc__.split("\n")[0])
-    parser.add_argument("--out", type=Path, required=True, help="directory for multi_gpu.json")
-    parser.add_argument("--tiny", action="store_true", help="tiny float32 problem (CPU smoke test)")
-    parser.add_argument("--tokens-per-device", type=int)
-    parser.add_argument("--vocab", type=int)
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--iters", type=int, default=20)
+def _size_line(name: str, size: Size) -> str:
+    warmup, iters = TIMING[name]
+    return (
+        f"  {name:<5} N {size.tokens_per_device} tokens/device, Hs {size.hidden_student}, Ht {size.hidden_teacher}, "
+        f"V {size.vocab}, {size.dtype}, chunk {size.chunk_size or 'default'}; {warmup} warm-up, {iters} timed calls"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    full_timing, tiny_timing = TIMING["full"], TIMING["tiny"]
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.multi_gpu",
+        description=__doc__.split("\n")[0],
+        epilog="sizes:\n" + _size_line("full", FULL) + "\n" + _size_line("tiny", TINY),
+        formatter_class=HelpFormatter,
+    )
+    parser.add_argument("--out", type=Path, required=True, help="directory for multi_gpu.json (created)")
+    parser.add_argument("--tiny", action="store_true", help="the tiny float32 size (CPU smoke test) instead of full")
+    parser.add_argument(
+        "--tokens-per-device", type=int, default=None, help="override N per device (default: the size's)"
+    )
+    parser.add_argument("--vocab", type=int, default=None, help="override V (default: the size's)")
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        default=None,
+        help=f"untimed calls per variant (default: {full_timing[0]}, or {tiny_timing[0]} with --tiny)",
+    )
+    parser.add_argument(
+        "--iters",
+        type=int,
+        default=None,
+        help=f"timed calls per variant, >= {MIN_ITERS} except with --tiny "
+        f"(default: {full_timing[1]}, or {tiny_timing[1]} with --tiny)",
+    )
+    add_git_sha_flag(parser)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Size, int, int]:
+    """(arguments, size, warm-up calls, timed calls): the size's own counts unless given explicitly."""
+    parser = build_parser()
     args = parser.parse_args(argv)
-    if args.iters < 10 and not args.tiny:
-        parser.error("--iters must be ≥ 10")
+    name = "tiny" if args.tiny else "full"
     size = TINY if args.tiny else FULL
     overrides = {"tokens_per_device": args.tokens_per_device, "vocab": args.vocab}
     size = dataclasses.replace(size, **{k: v for k, v in overrides.items() if v is not None})
-    warmup, iters = (1, 3) if args.tiny else (args.warmup, args.iters)
+    warmup = TIMING[name][0] if args.warmup is None else args.warmup
+    iters = TIMING[name][1] if args.iters is None else args.iters
+    if iters < (1 if args.tiny else MIN_ITERS):
+        parser.error(f"--iters must be at least {1 if args.tiny else MIN_ITERS}, got {iters}")
+    if warmup < 0:
+        parser.error(f"--warmup must be at least 0, got {warmup}")
+    return args, size, warmup, iters
 
-    result = run(size, warmup=warmup, iters=iters)
+
+def main(argv: list[str] | None = None) -> int:
+    args, size, warmup, iters = parse_args(argv)
+    result = run(size, warmup=warmup, iters=iters, sha=args.git_sha)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "multi_gpu.json").write_text(json.dumps(result, indent=2))
     print(

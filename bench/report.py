@@ -105,7 +105,7 @@ def markdown(rows: list[dict]) -> str:
     config = rows[0]["config"]
     lines = [
         f"Device: {env.get('device', '?')} ({env.get('backend', '?')}), jax {env.get('jax', '?')}, "
-        f"date {rows[0]['date']}, git {rows[0].get('git_sha') or '?'}.",
+        f"jaxlib {env.get('jaxlib', '?')}, date {rows[0]['date']}, git {rows[0].get('git_sha') or '?'}.",
         f"dtype {config['dtype']}, β = {config['beta']}, T = {config['temperature']}, "
         f"soft weight {config['soft_weight']}, hard weight {config['hard_weight']}, "
         f"ignored fraction {config['ignore_fraction']}, chunk {config['chunk_size'] or 'default'}, "

@@ -33,7 +33,6 @@ relative error of the loss and of both student gradients against the float32 ref
 from __future__ import annotations
 
 import functools
-import importlib.metadata
 import json
 import math
 import platform
@@ -47,6 +46,7 @@ import numpy as np
 from jax import lax
 
 import jaxdistill
+from bench import common
 from bench.cases import IGNORE_INDEX, Case, Problem, is_oom
 from jaxdistill import reference
 
@@ -63,13 +63,6 @@ def percentiles_ms(seconds: list[float]) -> dict:
     """Median, p10 and p90 of call times, in milliseconds."""
     p10, median, p90 = np.percentile(np.asarray(seconds) * 1e3, [10, 50, 90])
     return {"median": float(median), "p10": float(p10), "p90": float(p90)}
-
-
-def _version(dist: str) -> str | None:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -405,7 +398,7 @@ def run_case(case: Case) -> dict:
     row: dict = {"status": "ok", "reason": None, "env": env, "memory": {}, "errors": {}}
     try:
         if case.impl == "liger":
-            env.update(torch=_version("torch"), liger_kernel=_version("liger-kernel"))
+            env.update(torch=common.package_version("torch"), liger_kernel=common.package_version("liger-kernel"))
             try:
                 import liger_kernel.chunked_loss  # noqa: F401
                 import torch  # noqa: F401
@@ -416,7 +409,7 @@ def run_case(case: Case) -> dict:
             device=jax.devices()[0].device_kind,
             backend=jax.default_backend(),
             jax=jax.__version__,
-            jaxlib=_version("jaxlib"),
+            jaxlib=common.package_version("jaxlib"),
         )
         inputs = make_inputs(case.problem, with_dlogits=case.impl == "matmul-floor")
         row["memory"]["input_bytes"] = int(sum(x.nbytes for x in inputs.values()))

@@ -2,6 +2,7 @@
 
 import argparse
 import dataclasses
+import importlib.metadata
 import json
 import signal
 import subprocess
@@ -14,9 +15,9 @@ import numpy as np
 import pytest
 
 import bench.__main__ as bench_main
-from bench import report, suite
+from bench import common, multi_gpu, report, suite
 from bench.__main__ import Runner, build_cases, build_parser, main, parse_preset
-from bench.cases import IMPLEMENTATIONS, PRESETS, Case, Problem, is_oom
+from bench.cases import IMPLEMENTATIONS, PRESETS, Case, Preset, Problem, is_oom
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -188,9 +189,12 @@ def test_jax_cases_are_timed_one_output_at_a_time(monkeypatch, impl):
     assert row["status"] == "ok" and calls == [impl], row["reason"]
 
 
-def test_kernel_sweep_runs_in_interpret_mode(tmp_path):
-    """The launch-config sweep: the default is measured once, a bad config is a row, the best is named."""
+def test_kernel_sweep_runs_in_interpret_mode(tmp_path, monkeypatch):
+    """The launch-config sweep: the default is measured once, a bad config is a row, the best is
+    named; the JSON records the git sha (from the helper the bench rows use) and jaxlib."""
     from bench import kernel_sweep
+
+    monkeypatch.setattr(common, "git_sha", lambda: "0123abc+dirty")
 
     argv = ["--out", str(tmp_path), "--interpret", "--rows", "3", "--vocab", "300", "--betas", "0.5"]
     argv += ["--block-v", "512,384", "--num-warps", "1", "--num-stages", "1", "--iters", "1", "--warmup", "0"]
@@ -201,6 +205,8 @@ def test_kernel_sweep_runs_in_interpret_mode(tmp_path):
     assert rows[("pallas-default", 512)]["max_err_dlogits"] < 1e-5
     assert "power of 2" in rows[("pallas", 384)]["error"]
     assert result["best_config"] == {"impl": "pallas-default", "block_v": 512, "num_warps": 1, "num_stages": 1}
+    assert (result["git_sha"], result["jax_version"]) == ("0123abc+dirty", jax.__version__)
+    assert result["jaxlib_version"] == importlib.metadata.version("jaxlib")
 
 
 def test_is_oom():
@@ -283,3 +289,87 @@ def test_replot_rebuilds_from_rows(tmp_path, capsys):
     assert main(["--out", str(tmp_path), "--replot"]) == 0
     assert "| qwen | 4096 | xla | ok |" in capsys.readouterr().out
     assert json.loads((tmp_path / report.ROWS_FILE).read_text())["impl"] == "xla"
+
+
+# ---------------------------------------------------------------------------------------------
+# --help of the three scripts
+
+
+def _script_parsers():
+    from bench import kernel_sweep
+
+    return {
+        "bench": build_parser(),
+        "bench.multi_gpu": multi_gpu.build_parser(),
+        "bench.kernel_sweep": kernel_sweep.build_parser(),
+    }
+
+
+@pytest.mark.parametrize("script", ["bench", "bench.multi_gpu", "bench.kernel_sweep"])
+def test_every_flag_has_help_and_shows_its_default(script):
+    parser = _script_parsers()[script]
+    text = parser.format_help()  # also checks that every help string formats
+    formatter = parser.formatter_class(prog=parser.prog)
+    flags = [a for a in parser._actions if a.option_strings and a.dest != "help"]
+    assert flags
+    for action in flags:
+        assert action.help, action.option_strings
+        shown = formatter._get_help_string(action)
+        assert action.required or "default" in shown, (action.option_strings, shown)
+        assert action.option_strings[-1] in text
+
+
+def test_help_lists_the_presets_with_their_shapes(monkeypatch):
+    monkeypatch.setitem(PRESETS, "custom", Preset(777, 555, 33333, (11, 13), "made up"))
+    text = build_parser().format_help()
+    lines = text.splitlines()
+    for name, preset in PRESETS.items():
+        shown = [line.split() for line in lines if line.split()[:1] == [name]]
+        shape = [str(preset.hidden_teacher), str(preset.hidden_student), str(preset.vocab)]
+        assert [name, *shape, ",".join(map(str, preset.sizes))] in [cells[:5] for cells in shown], (name, text)
+
+
+def test_multi_gpu_help_lists_its_sizes_and_timing():
+    text = " ".join(multi_gpu.build_parser().format_help().split())
+    for size in (multi_gpu.FULL, multi_gpu.TINY):
+        assert f"N {size.tokens_per_device} tokens/device, Hs {size.hidden_student}, Ht {size.hidden_teacher}" in text
+        assert f"V {size.vocab}, {size.dtype}" in text
+    assert "default: 3, or 1 with --tiny" in text and "default: 20, or 3 with --tiny" in text
+
+
+# ---------------------------------------------------------------------------------------------
+# Run metadata
+
+
+def test_bench_rows_take_the_git_sha_from_the_shared_helper(tmp_path, monkeypatch):
+    monkeypatch.setattr(common, "git_sha", lambda: "0123abc+dirty")
+    assert main(["--preset", "tiny:64", "--impl", "xla", "--out", str(tmp_path), "--time-budget", "0"]) == 0
+    assert [r["git_sha"] for r in report.read_rows(tmp_path)] == ["0123abc+dirty"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The multi-GPU benchmark (one CPU device here; tests/test_multidevice.py runs it on four)
+
+
+def test_multi_gpu_keeps_explicit_warmup_and_iters_with_tiny():
+    def timing(*argv):
+        _, size, warmup, iters = multi_gpu.parse_args(["--out", "x", *argv])
+        return size, warmup, iters
+
+    assert timing() == (multi_gpu.FULL, 3, 20)
+    assert timing("--tiny") == (multi_gpu.TINY, 1, 3)
+    assert timing("--tiny", "--warmup", "0", "--iters", "2") == (multi_gpu.TINY, 0, 2)
+    assert timing("--tiny", "--iters", "12") == (multi_gpu.TINY, 1, 12)
+    assert timing("--warmup", "5", "--iters", "11")[1:] == (5, 11)
+    with pytest.raises(SystemExit):
+        timing("--iters", "5")  # fewer than 10 timed calls only with --tiny
+
+
+def test_multi_gpu_tiny_run_records_metadata_and_the_given_timing(tmp_path):
+    argv = ["--tiny", "--out", str(tmp_path), "--warmup", "0", "--iters", "2", "--git-sha", "cafe"]
+    assert multi_gpu.main(argv) == 0
+    result = json.loads((tmp_path / "multi_gpu.json").read_text())
+    assert (result["warmup"], result["iters"]) == (0, 2)
+    assert result["git_sha"] == "cafe" and result["date"]
+    assert result["jaxlib_version"] == importlib.metadata.version("jaxlib")
+    assert result["jax_version"] == jax.__version__
