@@ -20,8 +20,9 @@ median and p10/p90. Prints a table and writes ``DIR/multi_gpu.json``.
 Sizes (``--help`` lists them): the default is the ``llama`` preset's shapes with N = 8192
 tokens per device, bf16; ``--tiny`` is a float32 CPU smoke test (e.g. with
 ``XLA_FLAGS=--xla_force_host_platform_device_count=4``). ``--warmup``/``--iters`` default to the
-size's own counts; values given explicitly are used as given, with ``--tiny`` too. The JSON
-records date, git sha, jax and jaxlib versions.
+size's own counts; values given explicitly are used as given, with ``--tiny`` too. The inputs are
+drawn by :func:`bench.suite.make_inputs`, the benchmark suite's generator. The JSON records
+date, git sha, jax and jaxlib versions.
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import platform
 import re
 import sys
@@ -42,9 +42,9 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from bench import common
-from bench.cases import IGNORE_INDEX, PRESETS
+from bench.cases import IGNORE_INDEX, PRESETS, Problem
 from bench.common import HelpFormatter, add_git_sha_flag
-from bench.suite import LOGIT_STD, percentiles_ms, time_calls
+from bench.suite import make_inputs, percentiles_ms, time_calls
 from jaxdistill.fused import resolve_implementation
 from jaxdistill.heads import LMHead
 from jaxdistill.training import DistillConfig, shard_mapped_head_loss
@@ -115,47 +115,38 @@ def weight_sized_copies(hlo_text: str, rows: int, cols: int) -> dict:
     return dict(counts, names=names)
 
 
+def problem_of(size: Size, num_devices: int, seed: int = 0) -> Problem:
+    """The global problem (D × N tokens) of ``size`` in the benchmark suite's terms."""
+    return Problem(
+        preset="multi_gpu",
+        n=size.tokens_per_device * num_devices,
+        hidden_teacher=size.hidden_teacher,
+        hidden_student=size.hidden_student,
+        vocab=size.vocab,
+        dtype=size.dtype,
+        ignore_fraction=size.ignore_fraction,
+        chunk_size=size.chunk_size,
+        seed=seed,
+        **CONFIG,
+    )
+
+
 def draw_inputs(size: Size, mesh: Mesh, seed: int = 0) -> dict:
     """Global inputs: tokens sharded over the mesh (D × N rows), weights replicated on every device.
 
-    x ~ N(0, 1); W ~ N(0, 4/H) (logits of std ≈ 2); labels uniform with ``ignore_fraction``
-    ignored (-100), so every device has a different number of valid tokens.
+    Drawn by the benchmark suite's :func:`bench.suite.make_inputs` (x ~ N(0, 1), W ~ N(0,
+    LOGIT_STD²/H), labels uniform with ``ignore_fraction`` ignored (-100), so every device has a
+    different number of valid tokens).
     """
-    n = size.tokens_per_device * mesh.size
-    dtype = jnp.dtype(size.dtype)
     rows, replicated = NamedSharding(mesh, P(AXIS)), NamedSharding(mesh, P())
-
-    def draw():
-        k = jax.random.split(jax.random.key(seed), 6)
-
-        def normal(key, shape, scale):
-            return (jax.random.normal(key, shape, jnp.float32) * scale).astype(dtype)
-
-        def weight_std(hidden):  # logits of about LOGIT_STD, as in the benchmark suite
-            return LOGIT_STD / math.sqrt(hidden)
-
-        labels = jax.random.randint(k[4], (n,), 0, size.vocab, jnp.int32)
-        ignored = jax.random.uniform(k[5], (n,)) < size.ignore_fraction
-        return {
-            "student_hidden": normal(k[0], (n, size.hidden_student), 1.0),
-            "student_weight": normal(
-                k[1], (size.hidden_student, size.vocab), LOGIT_STD / math.sqrt(size.hidden_student)
-            ),
-            "teacher_hidden": normal(k[2], (n, size.hidden_teacher), 1.0),
-            "teacher_weight": normal(
-                k[3], (size.hidden_teacher, size.vocab), LOGIT_STD / math.sqrt(size.hidden_teacher)
-            ),
-            "labels": jnp.where(ignored, IGNORE_INDEX, labels),
-        }
-
-    out_shardings = {
+    shardings = {
         "student_hidden": rows,
         "student_weight": replicated,
         "teacher_hidden": rows,
         "teacher_weight": replicated,
         "labels": rows,
     }
-    return jax.block_until_ready(jax.jit(draw, out_shardings=out_shardings)())
+    return make_inputs(problem_of(size, mesh.size, seed), shardings=shardings)
 
 
 def _per_device_stack(x: jax.Array, devices) -> jax.Array:

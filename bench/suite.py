@@ -71,22 +71,29 @@ def percentiles_ms(seconds: list[float]) -> dict:
 INPUT_NAMES = ("student_hidden", "student_weight", "teacher_hidden", "teacher_weight")
 
 
-def make_inputs(problem: Problem, *, with_dlogits: bool = False) -> dict:
+def make_inputs(problem: Problem, *, with_dlogits: bool = False, shardings: dict | None = None) -> dict:
     """Random inputs: x ~ N(0, 1), W ~ N(0, LOGIT_STD²/H), labels with ignored rows.
 
     One jitted program draws them slab by slab into its outputs (a loop over row slabs), so
     that the random-number temporaries stay small next to the inputs and the device's peak
-    memory reflects the benchmark, not the set-up.
+    memory reflects the benchmark, not the set-up. The benchmark suite and the data-parallel
+    benchmark (:mod:`bench.multi_gpu`, which passes ``shardings``) both draw with it.
+
+    Args:
+      problem: shapes, dtype, ignored fraction and seed.
+      with_dlogits: also draw the matmul floor's (N, V) dlogits.
+      shardings: optional ``{name: jax.sharding.Sharding}`` of every output (e.g. rows sharded
+        over a mesh, weights replicated); None puts them on the default device.
 
     Returns:
       dict with student_hidden (N, Hs), student_weight (Hs, V), teacher_hidden (N, Ht),
       teacher_weight (Ht, V) in ``problem.dtype``, labels (N,) int32 (IGNORE_INDEX where
       ignored) and, when ``with_dlogits``, dlogits (N, V) for the matmul floor.
     """
-    return jax.block_until_ready(_draw_inputs(problem, with_dlogits))
+    draw = jax.jit(functools.partial(_draw_inputs, problem, with_dlogits), out_shardings=shardings)
+    return jax.block_until_ready(draw())
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
 def _draw_inputs(problem: Problem, with_dlogits: bool) -> dict:
     p = problem
     keys = jax.random.split(jax.random.key(p.seed, impl="rbg"), 7)

@@ -373,3 +373,18 @@ def test_multi_gpu_tiny_run_records_metadata_and_the_given_timing(tmp_path):
     assert result["git_sha"] == "cafe" and result["date"]
     assert result["jaxlib_version"] == importlib.metadata.version("jaxlib")
     assert result["jax_version"] == jax.__version__
+
+
+def test_multi_gpu_draws_with_the_suite_generator():
+    """The multi-GPU inputs are bench.suite.make_inputs' arrays, placed by the given shardings."""
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), (multi_gpu.AXIS,))
+    size = multi_gpu.TINY
+    got = multi_gpu.draw_inputs(size, mesh, seed=4)
+    problem = multi_gpu.problem_of(size, mesh.size, seed=4)
+    assert (problem.n, problem.vocab, problem.ignore_fraction, problem.dtype) == (64, 257, 0.1, "float32")
+    want = suite.make_inputs(problem)
+    assert set(got) == set(want) == set(suite.INPUT_NAMES) | {"labels"}
+    for key in want:
+        np.testing.assert_array_equal(np.asarray(got[key]), np.asarray(want[key]))
+    assert got["labels"].sharding.spec == jax.sharding.PartitionSpec(multi_gpu.AXIS)
+    assert got["student_weight"].sharding.spec == jax.sharding.PartitionSpec()
