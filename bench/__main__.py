@@ -14,7 +14,8 @@ sweep. ``--hidden-teacher/--hidden-student/--vocab`` override the preset's shape
 (:func:`jaxdistill.fused_linear_jsd_loss`), ``reference`` (materialized logits + autodiff) and
 ``liger`` (Liger-Kernel's LigerFusedLinearJSDLoss through torch; a ``skipped`` row where torch or
 liger-kernel is missing). All get the same inputs and β, T,
-soft/hard weights.
+soft/hard weights. Off a GPU, ``pallas`` runs the kernel in Pallas interpret mode (an
+emulation: its rows say ``interpret`` and their times are not the kernel's).
 
 Every case runs in a fresh worker process (:mod:`bench.suite`), so that its peak device memory
 is its own and an out-of-memory or a crash is one row. ``--time-budget`` stops starting cases

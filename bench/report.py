@@ -43,6 +43,11 @@ def ratio_to_floor(row: dict, floors: dict[str, float]) -> float | None:
     return row["vg_ms"]["median"] / floor
 
 
+def impl_label(row: dict) -> str:
+    """The implementation's name, marked where it ran in Pallas interpret mode (an emulation)."""
+    return f"{row['impl']} (interpret)" if row.get("interpret") else row["impl"]
+
+
 def _gb(n_bytes) -> str:
     return "" if n_bytes is None else f"{n_bytes / 1e9:.2f}"
 
@@ -73,7 +78,7 @@ COLUMNS = (
 
 def table_row(row: dict, floors: dict[str, float]) -> list[str]:
     config, memory, errors = row["config"], row.get("memory", {}), row.get("errors", {})
-    base = [config["preset"], str(config["n"]), row["impl"]]
+    base = [config["preset"], str(config["n"]), impl_label(row)]
     if row["status"] != "ok":
         reason = (row.get("reason") or "").replace("|", "/").replace("\n", " ")[:120]
         return base + [f"{row['status']}: {reason}" if reason else row["status"]] + [""] * (len(COLUMNS) - 4)
@@ -113,6 +118,13 @@ def markdown(rows: list[dict]) -> str:
         "vg = value and gradients (w.r.t. student hidden and weight); × floor = vg / the four matmuls; "
         "TFLOP/s counts 2·N·V·(Ht+3·Hs); +peak = device memory the timed calls added on top of the inputs; "
         "errors are relative to the float32 reference on the same inputs.",
+    ]
+    if any(r.get("interpret") for r in rows):
+        lines.append(
+            "(interpret) = the Pallas kernel ran in Pallas interpret mode (no GPU here): an emulation, "
+            "its times say nothing about the kernel's speed."
+        )
+    lines += [
         "",
         "| " + " | ".join(COLUMNS) + " |",
         "|" + "|".join("---" for _ in COLUMNS) + "|",
@@ -121,57 +133,68 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(rows: list[dict], path: Path, *, metric: str) -> None:
+def plot(rows: list[dict], path: Path, *, metric: str) -> list[tuple[str, list[str]]]:
     """One panel per preset, N on the x axis, one line per implementation.
 
     ``metric``: ``"time"`` (median value-and-grad ms, p10–p90 as error bars) or ``"memory"``
     (device memory the timed calls added, in GB; XLA's planned temporaries in panels where no
     row has a device measurement, e.g. on the CPU).
+
+    Returns:
+      (title, legend labels) of every panel.
     """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ok = [r for r in rows if r["status"] == "ok"]
     presets = list(dict.fromkeys(r["config"]["preset"] for r in rows)) or ["(no rows)"]
     fig, axes = plt.subplots(1, len(presets), figsize=(5.5 * len(presets), 4.2), squeeze=False)
+    drawn = []
     for ax, preset in zip(axes[0], presets, strict=True):
-        panel = [r for r in ok if r["config"]["preset"] == preset]
-        if metric == "time":
-            ylabel = "value-and-grad time (ms)"
-        else:
-            key = "extra_bytes" if any("extra_bytes" in r["memory"] for r in panel) else "xla_temp_bytes"
-            ylabel = "device memory added (GB)" if key == "extra_bytes" else "XLA temporaries (GB)"
-        for impl in dict.fromkeys(r["impl"] for r in panel):
-            points = sorted((r["config"]["n"], r) for r in panel if r["impl"] == impl)
-            if metric == "time":
-                xs = [n for n, _ in points]
-                ys = [r["vg_ms"]["median"] for _, r in points]
-                spread = [
-                    [y - r["vg_ms"]["p10"] for y, (_, r) in zip(ys, points, strict=True)],
-                    [r["vg_ms"]["p90"] - y for y, (_, r) in zip(ys, points, strict=True)],
-                ]
-                ax.errorbar(xs, ys, yerr=spread, marker="o", capsize=3, label=impl)
-            else:
-                xy = [(n, r["memory"][key] / 1e9) for n, r in points if (r["memory"].get(key) or 0) > 0]
-                if xy:
-                    ax.plot(*zip(*xy, strict=True), marker="o", label=impl)
-        ax.set_xscale("log", base=2)
-        sizes = sorted({r["config"]["n"] for r in panel})
-        if sizes:
-            ax.set_xticks(sizes, [str(n) for n in sizes])
-            ax.minorticks_off()
-        if ax.has_data():
-            ax.set_yscale("log")
-            ax.legend(fontsize=8)
-        ax.set_xlabel("N (tokens)")
-        ax.set_ylabel(ylabel)
+        panel = [r for r in rows if r["status"] == "ok" and r["config"]["preset"] == preset]
+        _plot_panel(ax, panel, metric)
         ax.set_title(preset)
-        ax.grid(True, which="both", alpha=0.3)
+        drawn.append((ax.get_title(), ax.get_legend_handles_labels()[1]))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return drawn
+
+
+def _plot_panel(ax, panel: list[dict], metric: str) -> None:
+    if metric == "time":
+        ylabel = "value-and-grad time (ms)"
+    else:
+        key = "extra_bytes" if any("extra_bytes" in r["memory"] for r in panel) else "xla_temp_bytes"
+        ylabel = "device memory added (GB)" if key == "extra_bytes" else "XLA temporaries (GB)"
+    for impl in dict.fromkeys(impl_label(r) for r in panel):
+        points = sorted((r for r in panel if impl_label(r) == impl), key=lambda r: r["config"]["n"])
+        xs = [r["config"]["n"] for r in points]
+        if metric == "time":
+            ys = [r["vg_ms"]["median"] for r in points]
+            spread = [
+                [y - r["vg_ms"]["p10"] for y, r in zip(ys, points, strict=True)],
+                [r["vg_ms"]["p90"] - y for y, r in zip(ys, points, strict=True)],
+            ]
+            ax.errorbar(xs, ys, yerr=spread, marker="o", capsize=3, label=impl)
+        else:
+            xy = [
+                (n, r["memory"][key] / 1e9) for n, r in zip(xs, points, strict=True) if (r["memory"].get(key) or 0) > 0
+            ]
+            if xy:
+                ax.plot(*zip(*xy, strict=True), marker="o", label=impl)
+    ax.set_xscale("log", base=2)
+    sizes = sorted({r["config"]["n"] for r in panel})
+    if sizes:
+        ax.set_xticks(sizes, [str(n) for n in sizes])
+        ax.minorticks_off()
+    if ax.has_data():
+        ax.set_yscale("log")
+        ax.legend(fontsize=8)
+    ax.set_xlabel("N (tokens)")
+    ax.set_ylabel(ylabel)
+    ax.grid(True, which="both", alpha=0.3)
 
 
 def render(out_dir: Path) -> str:

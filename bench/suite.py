@@ -28,6 +28,10 @@ ever serves the input generator and the oracle; first call minus a steady call f
 planned temporary bytes, the device memory the timed calls added on top of the inputs, and the
 relative error of the loss and of both student gradients against the float32 reference
 (``jax.default_matmul_precision("float32")``) on the same inputs, where that fits.
+
+``interpret`` in a row: the Pallas kernel ran in Pallas interpret mode (``pallas`` on a backend
+other than GPU, as :func:`jaxdistill.fused_linear_jsd_loss` does there), an emulation whose
+times say nothing about the kernel's speed.
 """
 
 from __future__ import annotations
@@ -399,6 +403,12 @@ def _relative_error(got, want):
 # The worker
 
 
+def interpret_mode(impl: str) -> bool:
+    """Whether ``impl`` runs a Pallas kernel in interpret mode here: ``pallas`` off a GPU backend,
+    where :func:`jaxdistill.fused_linear_jsd_loss` interprets the kernel (its ``FusedPlan.interpret``)."""
+    return impl == "pallas" and jax.default_backend() != "gpu"
+
+
 def run_case(case: Case) -> dict:
     """Measures one case; every outcome (OOM, missing peer, error) becomes a row, never a raise."""
     env = {"python": platform.python_version()}
@@ -418,6 +428,7 @@ def run_case(case: Case) -> dict:
             jax=jax.__version__,
             jaxlib=common.package_version("jaxlib"),
         )
+        row["interpret"] = interpret_mode(case.impl)
         inputs = make_inputs(case.problem, with_dlogits=case.impl == "matmul-floor")
         row["memory"]["input_bytes"] = int(sum(x.nbytes for x in inputs.values()))
         measure = measure_liger if case.impl == "liger" else measure_jax

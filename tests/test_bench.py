@@ -85,7 +85,8 @@ def test_tiny_rows_hold_timings_memory_and_errors(tiny_run):
 def test_tiny_outputs_table_and_plots(tiny_run):
     out, stdout, rows = tiny_run
     table = (out / report.TABLE_FILE).read_text()
-    assert "| tiny | 64 | xla | ok |" in table and "| tiny | 256 | pallas | ok |" in table
+    pallas = "pallas" if jax.default_backend() == "gpu" else "pallas (interpret)"
+    assert "| tiny | 64 | xla | ok |" in table and f"| tiny | 256 | {pallas} | ok |" in table
     assert table.count("\n| tiny |") == len(rows)
     assert stdout.rstrip().endswith(table.rstrip().splitlines()[-1])  # the table is printed last
     for name in (report.TIME_PLOT_FILE, report.MEMORY_PLOT_FILE):
@@ -338,7 +339,30 @@ def test_multi_gpu_help_lists_its_sizes_and_timing():
 
 
 # ---------------------------------------------------------------------------------------------
-# Run metadata
+# Pallas interpret mode, run metadata
+
+
+def test_tiny_pallas_rows_are_marked_interpret(tiny_run):
+    """Off the GPU the pallas rows ran the kernel in interpret mode and say so; no other row does."""
+    _, _, rows = tiny_run
+    off_gpu = jax.default_backend() != "gpu"
+    for row in rows:
+        if row["status"] == "ok":
+            assert row["interpret"] is (off_gpu and row["impl"] == "pallas"), row
+
+
+def test_interpret_rows_are_labelled_in_table_and_plots(tmp_path):
+    rows = [
+        synthetic_row("tiny", 64, "matmul-floor", ms=1.0),
+        {**synthetic_row("tiny", 64, "pallas", ms=40.0), "interpret": True},
+        {**synthetic_row("tiny", 64, "xla", ms=2.0), "interpret": False},
+    ]
+    text = report.markdown(rows)
+    assert "| tiny | 64 | pallas (interpret) | ok | 40.00 (36.00–48.00) | 20.00 | 40.00 |" in text
+    assert "| tiny | 64 | xla | ok |" in text
+    assert "interpret mode" in text
+    [(_, legend)] = report.plot(rows, tmp_path / "t.png", metric="time")
+    assert legend == ["matmul-floor", "pallas (interpret)", "xla"]
 
 
 def test_bench_rows_take_the_git_sha_from_the_shared_helper(tmp_path, monkeypatch):
