@@ -4,16 +4,18 @@ Usage::
 
     python -m bench --preset tiny --out /tmp/bench-tiny            # CPU smoke run, about a minute
     python -m bench --preset llama:2048,8192,32768 gemma:8192 llama:65536 \\
-        --impl matmul-floor xla pallas reference liger --time-budget 540 --out $OUT   # H200
+        --impl matmul-floor matmul-floor-chunked xla pallas reference liger \\
+        --time-budget 540 --out $OUT                                 # H200
     python -m bench --replot --out $OUT                             # table and plots again
 
 ``--preset NAME[:N,N,...]`` (repeatable in one list) picks a teacher/student pair (``--help``
 lists them with their shapes) and the N (tokens) to sweep; without ``:N,...`` the preset's own
 sweep. ``--hidden-teacher/--hidden-student/--vocab`` override the preset's shapes.
-``--impl`` chooses among ``matmul-floor`` (the four matmuls alone), ``xla`` and ``pallas``
-(:func:`jaxdistill.fused_linear_jsd_loss`), ``reference`` (materialized logits + autodiff) and
-``liger`` (Liger-Kernel's LigerFusedLinearJSDLoss through torch; a ``skipped`` row where torch or
-liger-kernel is missing). All get the same inputs and β, T,
+``--impl`` chooses among ``matmul-floor`` (the four matmuls alone),
+``matmul-floor-chunked`` (the same four inside the fused path's scan over chunks, no loss math),
+``xla`` and ``pallas`` (:func:`jaxdistill.fused_linear_jsd_loss`), ``reference`` (materialized
+logits + autodiff) and ``liger`` (Liger-Kernel's LigerFusedLinearJSDLoss through torch; a
+``skipped`` row where torch or liger-kernel is missing). All get the same inputs and β, T,
 soft/hard weights. Off a GPU, ``pallas`` runs the kernel in Pallas interpret mode (an
 emulation: its rows say ``interpret`` and their times are not the kernel's).
 
@@ -135,7 +137,7 @@ def build_cases(args) -> list[Case]:
     """Cases in run order: presets and N as given, within each problem the implementations in
     canonical order.
 
-    The matmul floor goes first in each problem so that later rows can report their ratio to it.
+    The matmul floors go first in each problem so that later rows can report their ratio to them.
     """
     impls = [impl for impl in IMPLEMENTATIONS if impl in args.impl]
     cases = []
@@ -310,6 +312,9 @@ def run_cases(cases: list[Case], runner: Runner, out_dir: Path, meta: dict) -> b
                 "wall_s": round(time.monotonic() - start, 2),
             }
             row["ratio_to_floor"] = report.ratio_to_floor(row, report.floor_medians(rows + [row]))
+            row["ratio_to_chunked_floor"] = report.ratio_to_floor(
+                row, report.floor_medians(rows + [row], impl="matmul-floor-chunked")
+            )
             rows.append(row)
             report.append_row(out_dir, row)
             (out_dir / report.TABLE_FILE).write_text(report.markdown(rows))

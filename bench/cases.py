@@ -6,7 +6,9 @@ import dataclasses
 import importlib.util
 import json
 
-IMPLEMENTATIONS = ("matmul-floor", "xla", "pallas", "reference", "liger")
+IMPLEMENTATIONS = ("matmul-floor", "matmul-floor-chunked", "xla", "pallas", "reference", "liger")
+# Rows whose ratio other rows are reported against (the first one is "× floor").
+FLOOR_IMPLEMENTATIONS = ("matmul-floor", "matmul-floor-chunked")
 IGNORE_INDEX = -100
 
 

@@ -31,9 +31,9 @@ def _group_key(row: dict) -> str:
     return json.dumps(row["config"], sort_keys=True)
 
 
-def floor_medians(rows: list[dict]) -> dict[str, float]:
-    """Median value-and-grad ms of the matmul-floor row of each problem (the last one wins)."""
-    return {_group_key(r): r["vg_ms"]["median"] for r in rows if r["impl"] == "matmul-floor" and r["status"] == "ok"}
+def floor_medians(rows: list[dict], impl: str = "matmul-floor") -> dict[str, float]:
+    """Median value-and-grad ms of the ``impl`` row (a floor) of each problem (the last one wins)."""
+    return {_group_key(r): r["vg_ms"]["median"] for r in rows if r["impl"] == impl and r["status"] == "ok"}
 
 
 def ratio_to_floor(row: dict, floors: dict[str, float]) -> float | None:
@@ -64,6 +64,7 @@ COLUMNS = (
     "vg ms (p10–p90)",
     "fwd ms",
     "× floor",
+    "× chunked",
     "TFLOP/s",
     "Mtok/s",
     "compile s",
@@ -76,7 +77,7 @@ COLUMNS = (
 )
 
 
-def table_row(row: dict, floors: dict[str, float]) -> list[str]:
+def table_row(row: dict, floors: dict[str, float], chunked_floors: dict[str, float]) -> list[str]:
     config, memory, errors = row["config"], row.get("memory", {}), row.get("errors", {})
     base = [config["preset"], str(config["n"]), impl_label(row)]
     if row["status"] != "ok":
@@ -88,6 +89,7 @@ def table_row(row: dict, floors: dict[str, float]) -> list[str]:
         f"{vg['median']:.2f} ({vg['p10']:.2f}–{vg['p90']:.2f})",
         f"{fwd['median']:.2f}",
         _num(ratio_to_floor(row, floors), ".2f"),
+        _num(ratio_to_floor(row, chunked_floors), ".2f"),
         _num(row.get("tflops"), ".0f" if row.get("tflops", 0) >= 10 else ".3f"),
         _num(row["tokens_per_s"] / 1e6, ".3f"),
         _num(row["compile_s"]["vg"], ".1f"),
@@ -104,7 +106,7 @@ def markdown(rows: list[dict]) -> str:
     """The results as markdown: the run's environment and hyper-parameters, then one table row a case."""
     if not rows:
         return "No rows.\n"
-    floors = floor_medians(rows)
+    floors, chunked_floors = floor_medians(rows), floor_medians(rows, impl="matmul-floor-chunked")
     envs = [r["env"] for r in rows if r.get("env", {}).get("device")]
     env = envs[0] if envs else {}
     config = rows[0]["config"]
@@ -116,6 +118,7 @@ def markdown(rows: list[dict]) -> str:
         f"ignored fraction {config['ignore_fraction']}, chunk {config['chunk_size'] or 'default'}, "
         f"{config['iters']} timed calls after {config['warmup']} warm-up.",
         "vg = value and gradients (w.r.t. student hidden and weight); × floor = vg / the four matmuls; "
+        "× chunked = vg / the same four matmuls in the fused path's scan over chunks (matmul-floor-chunked); "
         "TFLOP/s counts 2·N·V·(Ht+3·Hs); +peak = device memory the timed calls added on top of the inputs; "
         "errors are relative to the float32 reference on the same inputs.",
     ]
@@ -129,7 +132,7 @@ def markdown(rows: list[dict]) -> str:
         "| " + " | ".join(COLUMNS) + " |",
         "|" + "|".join("---" for _ in COLUMNS) + "|",
     ]
-    lines += ["| " + " | ".join(table_row(r, floors)) + " |" for r in rows]
+    lines += ["| " + " | ".join(table_row(r, floors, chunked_floors)) + " |" for r in rows]
     return "\n".join(lines) + "\n"
 
 

@@ -11,6 +11,13 @@ Implementations (all on the same inputs and hyper-parameters, generated from the
   grad_x = G W_sᵀ and grad_W = x_sᵀ G with a random (N, V) G in the activation dtype — each one
   plain XLA dot with bf16 operands and float32 accumulation, as in the fused path (but unchunked,
   so it also materializes the logits). Its forward is the two logits matmuls.
+* ``matmul-floor-chunked``: the same four matmuls inside the fused path's ``lax.scan`` over
+  chunks of rows (chunk size from :func:`jaxdistill.default_chunk_size` unless the problem sets
+  one), with the float32 grad_W accumulator carried across chunks and no loss math: per chunk
+  z_t and z_s, dZ = (z_s − z_t) cast to the activation dtype (a stand-in for the loss's dlogits
+  that keeps both logits matmuls alive), grad_x = dZ W_sᵀ and grad_W += x_sᵀ dZ. Next to
+  ``matmul-floor`` it prices the chunking; next to ``xla``/``pallas`` it prices the loss math.
+  Its forward is the two logits matmuls per chunk and a row maximum of dZ.
 * ``xla`` / ``pallas``: :func:`jaxdistill.fused_linear_jsd_loss` with that ``implementation``.
 * ``reference``: :func:`jaxdistill.reference.fused_linear_jsd_loss` (materialized logits,
   ``jax.value_and_grad``).
@@ -157,6 +164,65 @@ def matmul_floor_fns(inputs):
     return four, logits, args + (inputs["dlogits"],), args
 
 
+def chunk_rows(problem: Problem) -> int:
+    """Rows per chunk of the chunked implementations: the problem's, else the library's default."""
+    chunk = problem.chunk_size or jaxdistill.default_chunk_size(problem.vocab)
+    return max(1, min(chunk, problem.n))  # as jaxdistill.fused does
+
+
+def _chunked(x, chunk: int):
+    """(N, ...) → (⌈N/C⌉, C, ...), the last chunk padded with zeros (as jaxdistill.fused does)."""
+    n_chunks = -(-x.shape[0] // chunk)
+    pad = n_chunks * chunk - x.shape[0]
+    if pad:
+        x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1))
+    return x.reshape((n_chunks, chunk) + x.shape[1:])
+
+
+def _dot(a, b, a_dim: int, b_dim: int):
+    """Σ over a's ``a_dim`` and b's ``b_dim``, float32 accumulation (the fused path's contraction)."""
+    return lax.dot_general(a, b, (((a_dim,), (b_dim,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def matmul_floor_chunked_fns(problem: Problem, inputs):
+    """The four dots in the fused path's scan over chunks, with a stand-in dZ and no loss math.
+
+    Per chunk of C rows: z_t = x_t W_t and z_s = x_s W_s (float32), dZ = (z_s − z_t) in the
+    activation dtype, grad_x = dZ W_sᵀ (a scan output, float32) and grad_W += x_sᵀ dZ (float32
+    carry). dZ depends on both logits and feeds both gradient dots, so no dot can be dropped.
+    The forward is the two logits dots per chunk and the row maximum of dZ.
+    """
+    chunk = chunk_rows(problem)
+
+    def chunk_logits(x_s_c, w_s, x_t_c, w_t):
+        z_t = _dot(x_t_c, w_t, 1, 0)
+        z_s = _dot(x_s_c, w_s, 1, 0)
+        return (z_s - z_t).astype(x_s_c.dtype)
+
+    def four(x_s, w_s, x_t, w_t):
+        n, hidden = x_s.shape
+
+        def body(grad_w, chunk_inputs):
+            x_s_c, x_t_c = chunk_inputs
+            dz = chunk_logits(x_s_c, w_s, x_t_c, w_t)
+            return grad_w + _dot(x_s_c, dz, 0, 0), _dot(dz, w_s, 1, 1)
+
+        init = jnp.zeros(w_s.shape, jnp.float32)
+        grad_w, grad_x = lax.scan(body, init, (_chunked(x_s, chunk), _chunked(x_t, chunk)))
+        return grad_x.reshape(-1, hidden)[:n], grad_w
+
+    def forward(x_s, w_s, x_t, w_t):
+        def body(carry, chunk_inputs):
+            x_s_c, x_t_c = chunk_inputs
+            return carry, jnp.max(chunk_logits(x_s_c, w_s, x_t_c, w_t), axis=1)
+
+        _, row_max = lax.scan(body, None, (_chunked(x_s, chunk), _chunked(x_t, chunk)))
+        return row_max.reshape(-1)[: x_s.shape[0]]
+
+    args = tuple(inputs[k] for k in INPUT_NAMES)
+    return four, forward, args, args
+
+
 def loss_fns(impl: str, problem: Problem, inputs):
     """value_and_grad (w.r.t. student hidden and weight) and forward of one loss implementation."""
     kwargs = problem.loss_kwargs()
@@ -238,6 +304,8 @@ def measure_jax(case: Case, row: dict, inputs):
     """Times and sizes one JAX implementation; returns its (loss, grad_x, grad_W (Hs, V)) or None."""
     if case.impl == "matmul-floor":
         vg_fn, fwd_fn, vg_args, fwd_args = matmul_floor_fns(inputs)
+    elif case.impl == "matmul-floor-chunked":
+        vg_fn, fwd_fn, vg_args, fwd_args = matmul_floor_chunked_fns(case.problem, inputs)
     else:
         vg_fn, fwd_fn, vg_args, fwd_args = loss_fns(case.impl, case.problem, inputs)
     vg, vg_compile_s, analysis = compile_checked(vg_fn, vg_args)
@@ -263,7 +331,7 @@ def measure_jax(case: Case, row: dict, inputs):
         )
         if after["peak_bytes_in_use"] <= before["peak_bytes_in_use"]:
             memory["note"] = "upper bound: the process peak was set before the timed calls (compilation)"
-    if case.impl == "matmul-floor":
+    if case.impl in ("matmul-floor", "matmul-floor-chunked"):
         return None
     loss, (grad_x, grad_w) = result
     return loss, grad_x, grad_w

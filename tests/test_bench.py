@@ -4,6 +4,8 @@ import argparse
 import dataclasses
 import importlib.metadata
 import json
+import math
+import re
 import signal
 import subprocess
 import sys
@@ -15,9 +17,10 @@ import numpy as np
 import pytest
 
 import bench.__main__ as bench_main
+import jaxdistill
 from bench import common, multi_gpu, report, suite
 from bench.__main__ import Runner, build_cases, build_parser, main, parse_preset
-from bench.cases import IMPLEMENTATIONS, PRESETS, Case, Preset, Problem, is_oom
+from bench.cases import FLOOR_IMPLEMENTATIONS, IMPLEMENTATIONS, PRESETS, Case, Preset, Problem, is_oom
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -72,8 +75,10 @@ def test_tiny_rows_hold_timings_memory_and_errors(tiny_run):
             assert row["memory"]["xla_temp_bytes"] > 0
     floors = [r for r in ok if r["impl"] == "matmul-floor"]
     assert floors and all(r["ratio_to_floor"] == 1.0 and "loss" not in r for r in floors)
+    chunked = [r for r in ok if r["impl"] == "matmul-floor-chunked"]
+    assert len(chunked) == len(floors) and all(r["ratio_to_chunked_floor"] == 1.0 and "loss" not in r for r in chunked)
     for row in ok:
-        if row["impl"] == "matmul-floor":
+        if row["impl"] in FLOOR_IMPLEMENTATIONS:
             continue
         errors = row["errors"]
         # bf16 inputs: gradients are rounded to bf16 (≤ 2^-9 relative each rounding; 1.6-1.8e-3
@@ -87,6 +92,7 @@ def test_tiny_outputs_table_and_plots(tiny_run):
     table = (out / report.TABLE_FILE).read_text()
     pallas = "pallas" if jax.default_backend() == "gpu" else "pallas (interpret)"
     assert "| tiny | 64 | xla | ok |" in table and f"| tiny | 256 | {pallas} | ok |" in table
+    assert "| tiny | 64 | matmul-floor-chunked | ok |" in table
     assert table.count("\n| tiny |") == len(rows)
     assert stdout.rstrip().endswith(table.rstrip().splitlines()[-1])  # the table is printed last
     for name in (report.TIME_PLOT_FILE, report.MEMORY_PLOT_FILE):
@@ -177,7 +183,7 @@ def test_forward_outputs_are_gone_before_value_and_grad_runs():
     assert all(not others for _, others in seen), seen
 
 
-@pytest.mark.parametrize("impl", ["matmul-floor", "xla"])
+@pytest.mark.parametrize("impl", ["matmul-floor", "matmul-floor-chunked", "xla"])
 def test_jax_cases_are_timed_one_output_at_a_time(monkeypatch, impl):
     helper, calls = suite.time_forward_then_value_and_grad, []
 
@@ -412,3 +418,50 @@ def test_multi_gpu_draws_with_the_suite_generator():
         np.testing.assert_array_equal(np.asarray(got[key]), np.asarray(want[key]))
     assert got["labels"].sharding.spec == jax.sharding.PartitionSpec(multi_gpu.AXIS)
     assert got["student_weight"].sharding.spec == jax.sharding.PartitionSpec()
+
+
+# ---------------------------------------------------------------------------------------------
+# The chunked matmul floor
+
+
+def test_chunked_floor_is_the_four_dots_in_the_fused_scan():
+    problem = tiny_problem(n=50, dtype="float32", chunk_size=16)
+    inputs = suite.make_inputs(problem)
+    vg, fwd, vg_args, fwd_args = suite.matmul_floor_chunked_fns(problem, inputs)
+    jaxpr = jax.make_jaxpr(vg)(*vg_args).jaxpr
+    [scan] = [e for e in jaxpr.eqns if e.primitive.name == "scan"]
+    body = [e.primitive.name for e in scan.params["jaxpr"].jaxpr.eqns]
+    assert scan.params["length"] == math.ceil(50 / 16) and body.count("dot_general") == 4
+    # XLA keeps all four dots (two in the forward): the stand-in dZ feeds on both logits.
+    assert len(re.findall(r"\bdot\(", jax.jit(vg).lower(*vg_args).compile().as_text())) == 4
+    assert len(re.findall(r"\bdot\(", jax.jit(fwd).lower(*fwd_args).compile().as_text())) == 2
+
+    x_s, w_s, x_t, w_t = (np.asarray(a, np.float64) for a in vg_args)
+    dz = x_s @ w_s - x_t @ w_t
+    grad_x, grad_w = vg(*vg_args)
+    np.testing.assert_allclose(grad_x, dz @ w_s.T, rtol=1e-5, atol=1e-5 * np.abs(dz @ w_s.T).max())
+    np.testing.assert_allclose(grad_w, x_s.T @ dz, rtol=1e-5, atol=1e-5 * np.abs(x_s.T @ dz).max())
+    np.testing.assert_allclose(fwd(*fwd_args), dz.max(axis=1), rtol=1e-5)
+
+
+def test_chunked_floor_takes_the_library_chunk_size():
+    assert suite.chunk_rows(tiny_problem(n=256, chunk_size=32)) == 32
+    assert suite.chunk_rows(tiny_problem(n=256, chunk_size=1000)) == 256
+    assert suite.chunk_rows(tiny_problem(n=256)) == min(256, jaxdistill.default_chunk_size(1000))
+    llama = Problem("llama", 8192, 4096, 2048, 128256)
+    assert suite.chunk_rows(llama) == jaxdistill.default_chunk_size(128256) == 1024
+
+
+def test_chunked_floor_is_listed_and_reported():
+    assert IMPLEMENTATIONS[:2] == FLOOR_IMPLEMENTATIONS == ("matmul-floor", "matmul-floor-chunked")
+    assert "matmul-floor-chunked" in build_parser().format_help()
+    rows = [
+        synthetic_row("llama", 8192, "matmul-floor", ms=32.0),
+        synthetic_row("llama", 8192, "matmul-floor-chunked", ms=36.0),
+        synthetic_row("llama", 8192, "pallas", ms=45.0),
+    ]
+    text = report.markdown(rows)
+    assert "| × floor | × chunked |" in text
+    assert "| llama | 8192 | matmul-floor | ok | 32.00 (28.80–38.40) | 16.00 | 1.00 | 0.89 |" in text
+    assert "| llama | 8192 | matmul-floor-chunked | ok | 36.00 (32.40–43.20) | 18.00 | 1.12 | 1.00 |" in text
+    assert "| llama | 8192 | pallas | ok | 45.00 (40.50–54.00) | 22.50 | 1.41 | 1.25 |" in text
