@@ -22,6 +22,8 @@ emulation: its rows say ``interpret`` and their times are not the kernel's).
 Every case runs in a fresh worker process (:mod:`bench.suite`), so that its peak device memory
 is its own and an out-of-memory or a crash is one row. ``--time-budget`` stops starting cases
 (and cuts a running one) when the budget is spent; the remaining cases become ``skipped`` rows.
+The float32 oracle of each problem is computed by its first worker that needs it and read back
+by the others (files in a temporary directory, removed when the problem's cases are done).
 
 Writes, in ``--out``: ``rows.jsonl`` (one JSON object per case, appended as each finishes, with
 date, device, jax and jaxlib versions, git sha and full config), ``results.md`` (the table,
@@ -137,7 +139,8 @@ def build_cases(args) -> list[Case]:
     """Cases in run order: presets and N as given, within each problem the implementations in
     canonical order.
 
-    The matmul floors go first in each problem so that later rows can report their ratio to them.
+    The matmul floors go first in each problem so that later rows can report their ratio to them;
+    the cases of one problem are consecutive (the float32 oracle is kept for one problem at a time).
     """
     impls = [impl for impl in IMPLEMENTATIONS if impl in args.impl]
     cases = []
@@ -175,10 +178,12 @@ class Runner:
         time_budget: float | None,
         case_timeout: float,
         compilation_cache_dir: str | None = None,
+        oracle_dir: str | None = None,
     ):
         self.out_dir = out_dir
         self.deadline = None if time_budget is None else time.monotonic() + time_budget
         self.case_timeout = case_timeout
+        self.oracle_dir = oracle_dir  # the workers' store of float32 oracles (see bench.suite)
         self.process: subprocess.Popen | None = None
         self.env = {**WORKER_ENV_DEFAULTS, **os.environ}
         if compilation_cache_dir is not None:
@@ -203,8 +208,19 @@ class Runner:
                 pass
             self.process.wait()
 
+    def forget_other_oracles(self, problem: Problem) -> None:
+        """Deletes the stored oracles of every problem but ``problem`` (the cases of a problem are
+        consecutive, so an earlier problem's oracle is not read again; each can be GBs)."""
+        if self.oracle_dir is None:
+            return
+        for path in Path(self.oracle_dir).iterdir():
+            if not path.name.startswith(problem.key() + "."):
+                path.unlink(missing_ok=True)
+
     def run(self, case: Case) -> dict:
         """The measured part of the case's row (status ok, OOM, error, timeout or skipped)."""
+        self.forget_other_oracles(case.problem)
+        case = dataclasses.replace(case, oracle_dir=self.oracle_dir)
         if case.impl == "liger" and (reason := liger_missing_reason()):
             return {"status": "skipped", "reason": reason}
         remaining = self.remaining()
@@ -280,8 +296,13 @@ def main(argv: list[str] | None = None) -> int:
             (out_dir / name).unlink(missing_ok=True)
 
     meta = {"date": common.utc_now(), "git_sha": args.git_sha or common.git_sha()}
-    with tempfile.TemporaryDirectory(prefix="bench-jax-cache-") as cache_dir:
-        runner = Runner(out_dir, args.time_budget, args.case_timeout, compilation_cache_dir=cache_dir)
+    with (
+        tempfile.TemporaryDirectory(prefix="bench-jax-cache-") as cache_dir,
+        tempfile.TemporaryDirectory(prefix="bench-oracles-") as oracle_dir,
+    ):
+        runner = Runner(
+            out_dir, args.time_budget, args.case_timeout, compilation_cache_dir=cache_dir, oracle_dir=oracle_dir
+        )
         completed = run_cases(build_cases(args), runner, out_dir, meta)
     print(report.render(out_dir))
     return 0 if completed else 130

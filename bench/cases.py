@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib.util
 import json
 
@@ -67,6 +68,11 @@ class Problem:
         """2·N·V·(Ht + 3·Hs): teacher logits, student logits, grad_x and grad_W."""
         return 2 * self.n * self.vocab * (self.hidden_teacher + 3 * self.hidden_student)
 
+    def key(self) -> str:
+        """A short name of the whole problem (shapes, inputs and hyper-parameters), for file names."""
+        text = json.dumps(dataclasses.asdict(self), sort_keys=True)
+        return f"{self.preset}-{self.n}-{hashlib.sha256(text.encode()).hexdigest()[:16]}"
+
     def loss_kwargs(self) -> dict:
         """Keyword arguments of :func:`jaxdistill.fused_linear_jsd_loss` and its reference."""
         return dict(
@@ -87,6 +93,9 @@ class Case:
     warmup: int = 2
     iters: int = 10
     error_max_n: int = 16384
+    # Directory where the float32 oracle of each problem is stored by the first worker that
+    # needs it and read by the others (None: every worker computes its own).
+    oracle_dir: str | None = None
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))

@@ -34,7 +34,9 @@ compile seconds (trace + compile for JAX, cold: the driver's run-wide compilatio
 ever serves the input generator and the oracle; first call minus a steady call for torch), XLA's
 planned temporary bytes, the device memory the timed calls added on top of the inputs, and the
 relative error of the loss and of both student gradients against the float32 reference
-(``jax.default_matmul_precision("float32")``) on the same inputs, where that fits.
+(``jax.default_matmul_precision("float32")``) on the same inputs, where that fits. The reference
+of a problem is computed by the first worker that needs it and stored in ``Case.oracle_dir``
+for the others (the driver sets it), so it runs once per problem, not once per implementation.
 
 ``interpret`` in a row: the Pallas kernel ran in Pallas interpret mode (``pallas`` on a backend
 other than GPU, as :func:`jaxdistill.fused_linear_jsd_loss` does there), an emulation whose
@@ -46,6 +48,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import os
 import platform
 import sys
 import time
@@ -429,11 +432,59 @@ def reference_errors(case: Case, inputs, got) -> dict:
     """Relative errors of (loss, grad_x, grad_W) against the float32 reference on the same inputs.
 
     ‖got − ref‖ / ‖ref‖ (Frobenius; |·| for the loss), the reference run on the inputs upcast to
-    float32 with float32 matmuls. Returns ``{"note": why}`` where it is not computed.
+    float32 with float32 matmuls (:func:`float32_oracle`). Returns ``{"note": why}`` where it is
+    not computed.
     """
-    p = case.problem
-    if p.n > case.error_max_n:
+    if case.problem.n > case.error_max_n:
         return {"note": f"not computed: N > --error-max-n {case.error_max_n}"}
+    oracle = float32_oracle(case, inputs)
+    if "note" in oracle:
+        return oracle
+    loss_, grad_x, grad_w = got
+    return {
+        "loss_rel": float(_relative_error(loss_, oracle["loss"])),
+        "grad_x_rel": float(_relative_error(grad_x, oracle["grad_x"])),
+        "grad_w_rel": float(_relative_error(grad_w, oracle["grad_w"])),
+        "reference_loss": float(oracle["loss"]),
+    }
+
+
+ORACLE_KEYS = ("loss", "grad_x", "grad_w")
+
+
+def oracle_path(oracle_dir: str, problem: Problem) -> str:
+    """Where the float32 oracle of ``problem`` is stored in a run's ``oracle_dir``."""
+    return os.path.join(oracle_dir, problem.key() + ".npz")
+
+
+def float32_oracle(case: Case, inputs) -> dict:
+    """The float32 reference's ``{"loss", "grad_x", "grad_w"}`` on the case's inputs, or ``{"note": why not}``.
+
+    With ``case.oracle_dir`` set (the driver sets it), the first worker of a problem computes
+    it and stores it there, and the problem's other workers read it back: one oracle per
+    problem. Every worker draws the same inputs from the problem's seed, so stored and
+    recomputed oracles are the same arrays. A worker that cannot compute it (memory) leaves
+    nothing behind; the next one tries again.
+    """
+    path = None if case.oracle_dir is None else oracle_path(case.oracle_dir, case.problem)
+    if path is not None and os.path.exists(path):
+        with np.load(path) as stored:
+            oracle = {k: jnp.asarray(stored[k]) for k in ORACLE_KEYS}
+        print(f"float32 oracle: read {path}", flush=True)
+        return oracle
+    oracle = compute_float32_oracle(case.problem, inputs)
+    if path is not None and "note" not in oracle:
+        partial = path + ".partial"
+        with open(partial, "wb") as f:  # a file object: np.savez adds no suffix
+            np.savez(f, **{k: np.asarray(v) for k, v in oracle.items()})
+        os.replace(partial, path)  # readers see the whole file or none
+        print(f"float32 oracle: computed, stored {path}", flush=True)
+    return oracle
+
+
+def compute_float32_oracle(problem: Problem, inputs) -> dict:
+    """The float32 reference's loss and student gradients (see :func:`float32_oracle`)."""
+    p = problem
     stats = memory_stats()
     estimate = F32_REFERENCE_NV_BUFFERS * 4 * p.n * p.vocab
     if stats and "bytes_limit" in stats and estimate > stats["bytes_limit"] - stats["bytes_in_use"]:
@@ -451,14 +502,7 @@ def reference_errors(case: Case, inputs, got) -> dict:
         if not is_oom(error):
             raise
         return {"note": "not computed: the float32 reference ran out of memory"}
-    del args
-    loss_, grad_x, grad_w = got
-    return {
-        "loss_rel": float(_relative_error(loss_, ref_loss)),
-        "grad_x_rel": float(_relative_error(grad_x, ref_grad_x)),
-        "grad_w_rel": float(_relative_error(grad_w, ref_grad_w)),
-        "reference_loss": float(ref_loss),
-    }
+    return {"loss": ref_loss, "grad_x": ref_grad_x, "grad_w": ref_grad_w}
 
 
 @jax.jit

@@ -421,6 +421,32 @@ def test_multi_gpu_draws_with_the_suite_generator():
 
 
 # ---------------------------------------------------------------------------------------------
+# The float32 oracle: once per problem
+
+
+def test_float32_oracle_runs_once_per_problem_with_the_same_errors(tmp_path, monkeypatch):
+    computed = []
+    compute = suite.compute_float32_oracle
+
+    def spy(problem, inputs):
+        computed.append(problem)
+        return compute(problem, inputs)
+
+    monkeypatch.setattr(suite, "compute_float32_oracle", spy)
+    problem = tiny_problem()
+    first = suite.run_case(Case(problem, "xla", oracle_dir=str(tmp_path)))
+    second = suite.run_case(Case(problem, "reference", oracle_dir=str(tmp_path)))
+    assert computed == [problem]  # the second worker read the first one's
+    assert [p.name for p in tmp_path.iterdir()] == [problem.key() + ".npz"]
+    alone = suite.run_case(Case(problem, "xla"))  # no store: computes its own
+    assert len(computed) == 2
+    assert first["errors"] == alone["errors"] and first["errors"]["grad_w_rel"] > 0
+    assert second["errors"]["reference_loss"] == first["errors"]["reference_loss"]
+    other = dataclasses.replace(problem, beta=0.0)
+    assert other.key() != problem.key() and dataclasses.replace(problem).key() == problem.key()
+
+
+# ---------------------------------------------------------------------------------------------
 # The chunked matmul floor
 
 
