@@ -5,13 +5,14 @@ Usage::
     python -m bench --preset tiny --out /tmp/bench-tiny            # CPU smoke run, about a minute
     python -m bench --preset llama:2048,8192,32768 gemma:8192 llama:65536 \\
         --impl matmul-floor matmul-floor-chunked xla pallas reference liger \\
-        --time-budget 540 --out $OUT                                 # H200
+        --beta 0 0.5 1 --time-budget 540 --out $OUT                  # H200
     python -m bench --replot --out $OUT                             # table and plots again
 
 ``--preset NAME[:N,N,...]`` (repeatable in one list) picks a teacher/student pair (``--help``
 lists them with their shapes) and the N (tokens) to sweep; without ``:N,...`` the preset's own
-sweep. ``--hidden-teacher/--hidden-student/--vocab`` override the preset's shapes.
-``--impl`` chooses among ``matmul-floor`` (the four matmuls alone),
+sweep. ``--hidden-teacher/--hidden-student/--vocab`` override the preset's shapes. ``--beta``
+takes one or more β: each β is a problem of its own (its own rows, table section and plot
+panels). ``--impl`` chooses among ``matmul-floor`` (the four matmuls alone),
 ``matmul-floor-chunked`` (the same four inside the fused path's scan over chunks, no loss math),
 ``xla`` and ``pallas`` (:func:`jaxdistill.fused_linear_jsd_loss`), ``reference`` (materialized
 logits + autodiff) and ``liger`` (Liger-Kernel's LigerFusedLinearJSDLoss through torch; a
@@ -26,9 +27,9 @@ The float32 oracle of each problem is computed by its first worker that needs it
 by the others (files in a temporary directory, removed when the problem's cases are done).
 
 Writes, in ``--out``: ``rows.jsonl`` (one JSON object per case, appended as each finishes, with
-date, device, jax and jaxlib versions, git sha and full config), ``results.md`` (the table,
-rewritten after every row), ``time.png`` and ``memory.png`` (one line per implementation against
-N, one panel per preset) and ``workers.log`` (the workers' output).
+date, device, jax and jaxlib versions, git sha and full config), ``results.md`` (the table, one
+section per β, rewritten after every row), ``time.png`` and ``memory.png`` (one line per
+implementation against N, one panel per preset and β) and ``workers.log`` (the workers' output).
 ``--replot`` rebuilds table and plots from an existing ``rows.jsonl``. The table is printed last.
 
 Set-up of the workers: ``XLA_PYTHON_CLIENT_PREALLOCATE=false`` (JAX and torch share the GPU in
@@ -52,6 +53,7 @@ from tqdm import tqdm
 
 from bench import common, report
 from bench.cases import (
+    FLOOR_IMPLEMENTATIONS,
     IMPLEMENTATIONS,
     PRESETS,
     Case,
@@ -107,7 +109,14 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"implementations, run in this order: {', '.join(IMPLEMENTATIONS)} (default: all)",
     )
     parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16", help="inputs' dtype")
-    parser.add_argument("--beta", type=float, default=0.5, help="JSD β in [0, 1]")
+    parser.add_argument(
+        "--beta",
+        type=float,
+        nargs="+",
+        default=[0.5],
+        metavar="BETA",
+        help="JSD β in [0, 1]; several values give a set of rows per β (default: 0.5)",
+    )
     parser.add_argument("--temperature", type=float, default=1.0, help="softmax temperature T of the soft loss")
     parser.add_argument("--soft-weight", type=float, default=0.5, help="weight of the JSD (soft) loss")
     parser.add_argument("--hard-weight", type=float, default=0.5, help="weight of the cross-entropy (hard) loss")
@@ -136,15 +145,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def build_cases(args) -> list[Case]:
-    """Cases in run order: presets and N as given, within each problem the implementations in
-    canonical order.
+    """Cases in run order: for each β (as given), presets and N as given, within each problem the
+    implementations in canonical order.
 
     The matmul floors go first in each problem so that later rows can report their ratio to them;
     the cases of one problem are consecutive (the float32 oracle is kept for one problem at a time).
     """
     impls = [impl for impl in IMPLEMENTATIONS if impl in args.impl]
     cases = []
-    for name, sizes in args.preset:
+    for beta, name, sizes in ((b, *p) for b in dict.fromkeys(args.beta) for p in args.preset):
         preset = PRESETS[name]
         for n in sizes or preset.sizes:
             problem = Problem(
@@ -154,7 +163,7 @@ def build_cases(args) -> list[Case]:
                 hidden_student=args.hidden_student or preset.hidden_student,
                 vocab=args.vocab or preset.vocab,
                 dtype=args.dtype,
-                beta=args.beta,
+                beta=beta,
                 temperature=args.temperature,
                 soft_weight=args.soft_weight,
                 hard_weight=args.hard_weight,
@@ -186,15 +195,23 @@ class Runner:
         self.oracle_dir = oracle_dir  # the workers' store of float32 oracles (see bench.suite)
         self.process: subprocess.Popen | None = None
         self.env = {**WORKER_ENV_DEFAULTS, **os.environ}
+        self.cache_env = {}
         if compilation_cache_dir is not None:
             # Executables shared by the workers of a run (input generator, float32 oracle) compile
             # once. Each measured program is compiled by one worker only, so its compile time stays
             # cold; XLA's autotuning cache is left off so that no implementation inherits another's.
-            self.env.update(
+            self.cache_env = dict(
                 JAX_COMPILATION_CACHE_DIR=compilation_cache_dir,
                 JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                 JAX_PERSISTENT_CACHE_ENABLE_XLA_CACHES="none",
             )
+
+    def worker_env(self, case: Case) -> dict:
+        """The environment of the case's worker: with the run-wide compilation cache, except for
+        the floors. Their programs do not depend on β, T or the loss weights, so with the cache the
+        floor of every β after the first would load the first one's executable and report no
+        compile time; they need no oracle, so the cache would save them nothing else."""
+        return self.env if case.impl in FLOOR_IMPLEMENTATIONS else {**self.env, **self.cache_env}
 
     def remaining(self) -> float | None:
         return None if self.deadline is None else self.deadline - time.monotonic()
@@ -234,7 +251,7 @@ class Runner:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "bench.suite", case.to_json(), str(result_path)],
                 cwd=REPO_ROOT,
-                env=self.env,
+                env=self.worker_env(case),
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 process_group=0,  # a group of its own, in this session: killable as one, ends with the run
@@ -263,12 +280,12 @@ def _tail(path: Path, n_bytes: int = 4000) -> str:
 
 
 def case_name(case: Case) -> str:
-    return f"{case.problem.preset} N={case.problem.n} {case.impl}"
+    return f"{case.problem.preset} N={case.problem.n} β={case.problem.beta:g} {case.impl}"
 
 
 def summary_line(row: dict) -> str:
     config = row["config"]
-    head = f"{config['preset']:>6} N={config['n']:<6} {row['impl']:<20}"
+    head = f"{config['preset']:>6} N={config['n']:<6} β={config['beta']:<4g} {row['impl']:<20}"
     if row["status"] != "ok":
         return f"{head} {row['status']}: {(row.get('reason') or '')[:150]}"
     ratio = row.get("ratio_to_floor")
@@ -286,6 +303,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.iters < 10:
         parser.error("--iters must be at least 10")
+    if not all(0.0 <= beta <= 1.0 for beta in args.beta):
+        parser.error(f"--beta must be in [0, 1], got {args.beta}")
     out_dir: Path = args.out
     out_dir.mkdir(parents=True, exist_ok=True)
     if args.replot:

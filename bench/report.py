@@ -27,7 +27,7 @@ def append_row(out_dir: Path, row: dict) -> None:
 
 
 def _group_key(row: dict) -> str:
-    """Rows of the same problem (everything in the config but nothing about the implementation)."""
+    """Rows of the same problem (everything in the config, β included, but nothing about the implementation)."""
     return json.dumps(row["config"], sort_keys=True)
 
 
@@ -41,6 +41,27 @@ def ratio_to_floor(row: dict, floors: dict[str, float]) -> float | None:
     if row["status"] != "ok" or floor is None:
         return None
     return row["vg_ms"]["median"] / floor
+
+
+# Config fields that make a problem's shape (the rows of one table section and the points of one
+# plot line differ in these); every other field is a setting shared by a section.
+SHAPE_FIELDS = ("preset", "n", "hidden_teacher", "hidden_student", "vocab")
+
+
+def _settings(row: dict) -> str:
+    return json.dumps({k: v for k, v in row["config"].items() if k not in SHAPE_FIELDS}, sort_keys=True)
+
+
+def sections(rows: list[dict]) -> list[tuple[str, list[dict]]]:
+    """The rows split by settings (β, T, weights, dtype, ...), in order of first appearance, each
+    with its label: ``β = 0.5``, plus any other setting that differs between sections."""
+    groups: dict[str, list[dict]] = {}
+    for row in rows:
+        groups.setdefault(_settings(row), []).append(row)
+    settings = [json.loads(key) for key in groups]
+    varying = [k for k in settings[0] if k != "beta" and len({json.dumps(s.get(k)) for s in settings}) > 1]
+    labels = [", ".join([f"β = {s['beta']:g}"] + [f"{k} = {s.get(k)}" for k in varying]) for s in settings]
+    return list(zip(labels, groups.values(), strict=True))
 
 
 def impl_label(row: dict) -> str:
@@ -103,20 +124,16 @@ def table_row(row: dict, floors: dict[str, float], chunked_floors: dict[str, flo
 
 
 def markdown(rows: list[dict]) -> str:
-    """The results as markdown: the run's environment and hyper-parameters, then one table row a case."""
+    """The results as markdown: the run's environment, then one section per setting (β, ...) with
+    its hyper-parameters and a table of one row a case."""
     if not rows:
         return "No rows.\n"
     floors, chunked_floors = floor_medians(rows), floor_medians(rows, impl="matmul-floor-chunked")
     envs = [r["env"] for r in rows if r.get("env", {}).get("device")]
     env = envs[0] if envs else {}
-    config = rows[0]["config"]
     lines = [
         f"Device: {env.get('device', '?')} ({env.get('backend', '?')}), jax {env.get('jax', '?')}, "
         f"jaxlib {env.get('jaxlib', '?')}, date {rows[0]['date']}, git {rows[0].get('git_sha') or '?'}.",
-        f"dtype {config['dtype']}, β = {config['beta']}, T = {config['temperature']}, "
-        f"soft weight {config['soft_weight']}, hard weight {config['hard_weight']}, "
-        f"ignored fraction {config['ignore_fraction']}, chunk {config['chunk_size'] or 'default'}, "
-        f"{config['iters']} timed calls after {config['warmup']} warm-up.",
         "vg = value and gradients (w.r.t. student hidden and weight); × floor = vg / the four matmuls; "
         "× chunked = vg / the same four matmuls in the fused path's scan over chunks (matmul-floor-chunked); "
         "TFLOP/s counts 2·N·V·(Ht+3·Hs); +peak = device memory the timed calls added on top of the inputs; "
@@ -127,24 +144,34 @@ def markdown(rows: list[dict]) -> str:
             "(interpret) = the Pallas kernel ran in Pallas interpret mode (no GPU here): an emulation, "
             "its times say nothing about the kernel's speed."
         )
-    lines += [
-        "",
-        "| " + " | ".join(COLUMNS) + " |",
-        "|" + "|".join("---" for _ in COLUMNS) + "|",
-    ]
-    lines += ["| " + " | ".join(table_row(r, floors, chunked_floors)) + " |" for r in rows]
+    for label, section in sections(rows):
+        config = section[0]["config"]
+        lines += [
+            "",
+            f"### {label}",
+            "",
+            f"dtype {config['dtype']}, β = {config['beta']}, T = {config['temperature']}, "
+            f"soft weight {config['soft_weight']}, hard weight {config['hard_weight']}, "
+            f"ignored fraction {config['ignore_fraction']}, chunk {config['chunk_size'] or 'default'}, "
+            f"{config['iters']} timed calls after {config['warmup']} warm-up.",
+            "",
+            "| " + " | ".join(COLUMNS) + " |",
+            "|" + "|".join("---" for _ in COLUMNS) + "|",
+        ]
+        lines += ["| " + " | ".join(table_row(r, floors, chunked_floors)) + " |" for r in section]
     return "\n".join(lines) + "\n"
 
 
 def plot(rows: list[dict], path: Path, *, metric: str) -> list[tuple[str, list[str]]]:
-    """One panel per preset, N on the x axis, one line per implementation.
+    """One panel per (settings section, preset) — a row of panels per β —, N on the x axis, one
+    line per implementation; each panel's title names its preset and β.
 
     ``metric``: ``"time"`` (median value-and-grad ms, p10–p90 as error bars) or ``"memory"``
     (device memory the timed calls added, in GB; XLA's planned temporaries in panels where no
     row has a device measurement, e.g. on the CPU).
 
     Returns:
-      (title, legend labels) of every panel.
+      (title, legend labels) of every panel, row by row.
     """
     import matplotlib
 
@@ -152,13 +179,15 @@ def plot(rows: list[dict], path: Path, *, metric: str) -> list[tuple[str, list[s
     import matplotlib.pyplot as plt
 
     presets = list(dict.fromkeys(r["config"]["preset"] for r in rows)) or ["(no rows)"]
-    fig, axes = plt.subplots(1, len(presets), figsize=(5.5 * len(presets), 4.2), squeeze=False)
+    grid = sections(rows) if rows else [("", [])]
+    fig, axes = plt.subplots(len(grid), len(presets), figsize=(5.5 * len(presets), 4.2 * len(grid)), squeeze=False)
     drawn = []
-    for ax, preset in zip(axes[0], presets, strict=True):
-        panel = [r for r in rows if r["status"] == "ok" and r["config"]["preset"] == preset]
-        _plot_panel(ax, panel, metric)
-        ax.set_title(preset)
-        drawn.append((ax.get_title(), ax.get_legend_handles_labels()[1]))
+    for panels, (label, section) in zip(axes, grid, strict=True):
+        for ax, preset in zip(panels, presets, strict=True):
+            panel = [r for r in section if r["status"] == "ok" and r["config"]["preset"] == preset]
+            _plot_panel(ax, panel, metric)
+            ax.set_title(f"{preset}, {label}" if label else preset)
+            drawn.append((ax.get_title(), ax.get_legend_handles_labels()[1]))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

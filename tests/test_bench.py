@@ -491,3 +491,75 @@ def test_chunked_floor_is_listed_and_reported():
     assert "| llama | 8192 | matmul-floor | ok | 32.00 (28.80–38.40) | 16.00 | 1.00 | 0.89 |" in text
     assert "| llama | 8192 | matmul-floor-chunked | ok | 36.00 (32.40–43.20) | 18.00 | 1.12 | 1.00 |" in text
     assert "| llama | 8192 | pallas | ok | 45.00 (40.50–54.00) | 22.50 | 1.41 | 1.25 |" in text
+
+
+# ---------------------------------------------------------------------------------------------
+# Several β in one run
+
+
+def test_beta_list_gives_one_problem_per_beta():
+    args = build_parser().parse_args(["--out", "x", "--preset", "tiny:64", "--impl", "xla", "matmul-floor"])
+    assert args.beta == [0.5] and [c.problem.beta for c in build_cases(args)] == [0.5, 0.5]
+    args = build_parser().parse_args(["--out", "x", "--preset", "tiny:64,256", "--impl", "xla", "--beta", "0", "1"])
+    assert [(c.problem.beta, c.problem.n) for c in build_cases(args)] == [(0, 64), (0, 256), (1, 64), (1, 256)]
+    with pytest.raises(SystemExit):
+        main(["--out", "x", "--beta", "0", "1.5"])
+
+
+def test_beta_sections_in_table_and_plots(tmp_path):
+    def row(beta, impl, ms):
+        r = synthetic_row("llama", 8192, impl, ms=ms)
+        r["config"]["beta"] = beta
+        return r
+
+    rows = [
+        row(0.0, "matmul-floor", 30.0),
+        row(0.0, "xla", 45.0),
+        row(1.0, "matmul-floor", 40.0),
+        row(1.0, "xla", 50.0),
+    ]
+    text = report.markdown(rows)
+    zero, one = text.index("### β = 0\n"), text.index("### β = 1\n")
+    assert (
+        zero < text.index("| llama | 8192 | xla | ok | 45.00") < one < text.index("| llama | 8192 | xla | ok | 50.00")
+    )
+    assert "| 45.00 (40.50–54.00) | 22.50 | 1.50 |" in text and "| 50.00 (45.00–60.00) | 25.00 | 1.25 |" in text
+    assert [label for label, _ in report.sections(rows)] == ["β = 0", "β = 1"]
+    assert report.plot(rows, tmp_path / "t.png", metric="time") == [
+        ("llama, β = 0", ["matmul-floor", "xla"]),
+        ("llama, β = 1", ["matmul-floor", "xla"]),
+    ]
+    rows[-1]["config"]["temperature"] = 2.0  # another setting differs too: named in the label
+    assert [label for label, _ in report.sections(rows)] == [
+        "β = 0, temperature = 1.0",
+        "β = 1, temperature = 1.0",
+        "β = 1, temperature = 2.0",
+    ]
+
+
+def test_floors_compile_without_the_run_wide_cache(tmp_path):
+    """A floor's program is the same for every β: from the shared cache it would report no compile time."""
+    runner = Runner(tmp_path, time_budget=None, case_timeout=1.0, compilation_cache_dir=str(tmp_path / "c"))
+    for impl in IMPLEMENTATIONS:
+        env = runner.worker_env(Case(tiny_problem(), impl))
+        assert (env.get("JAX_COMPILATION_CACHE_DIR") == str(tmp_path / "c")) is (impl not in FLOOR_IMPLEMENTATIONS)
+
+
+def test_several_betas_in_one_run(tmp_path):
+    """--beta 0 1: a set of rows and a table section per β; each problem's oracle is computed by
+    one worker and read by the other."""
+    argv = ["--preset", "tiny:64", "--impl", "xla", "reference", "--beta", "0", "1", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    rows = report.read_rows(tmp_path)
+    assert [(r["config"]["beta"], r["impl"], r["status"]) for r in rows] == [
+        (0.0, "xla", "ok"),
+        (0.0, "reference", "ok"),
+        (1.0, "xla", "ok"),
+        (1.0, "reference", "ok"),
+    ]
+    losses = [r["errors"]["reference_loss"] for r in rows]
+    assert losses[0] == losses[1] != losses[2] == losses[3]
+    log = (tmp_path / "workers.log").read_text()
+    assert log.count("float32 oracle: computed") == 2 and log.count("float32 oracle: read") == 2
+    table = (tmp_path / report.TABLE_FILE).read_text()
+    assert table.index("### β = 0") < table.index("### β = 1") and table.count("| tiny | 64 | xla | ok |") == 2
