@@ -1,6 +1,8 @@
-"""Hardening: wide and unsigned labels, messages that name the argument and the fix, test-suite wording."""
+"""Hardening: wide and unsigned labels, messages that name the argument and the fix, test-suite wording,
+the README's NNX training example."""
 
 import pathlib
+import re
 import tomllib
 
 import conftest
@@ -172,3 +174,32 @@ def test_the_gpu_marker_and_its_skip_reason_name_the_requirement_only():
     conftest.pytest_collection_modifyitems(None, [item])
     if jax.default_backend() != "gpu":
         assert [m.kwargs["reason"] for m in item.markers] == ["needs a CUDA GPU"]
+
+
+def readme_block(heading: str) -> str:
+    """The first ```python block after the line ``heading`` of README.md."""
+    text = (REPO_ROOT / "README.md").read_text()
+    start = text.index("\n" + heading + "\n")
+    match = re.compile(r"```python\n(.*?)```", re.S).search(text, start)
+    assert match is not None, heading
+    return match.group(1)
+
+
+def test_the_readme_nnx_training_example_runs(capsys):
+    code = readme_block("## Training a student with Flax NNX (one device)")
+    tiny = {  # the example's sizes → a few seconds on a CPU
+        "V, L, B, STEPS = 32000, 256, 16, 1000": "V, L, B, STEPS = 97, 8, 2, 2",
+        "1_000_000": "1_000",
+        "d_model=1024, n_layers=12, n_heads=16, d_ff=4096": "d_model=24, n_layers=1, n_heads=2, d_ff=48",
+        "d_model=512, n_layers=6, n_heads=8, d_ff=2048": "d_model=16, n_layers=1, n_heads=2, d_ff=32",
+    }
+    for size, small in tiny.items():
+        assert code.count(size) == 1, size
+        code = code.replace(size, small)
+    namespace = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    metrics = namespace["metrics"]
+    assert set(metrics) >= {"loss", "soft_loss", "hard_loss", "num_valid_tokens"}
+    assert int(metrics["num_valid_tokens"]) == 2 * 8 and np.isfinite(float(metrics["loss"]))
+    assert int(namespace["optimizer"].step[...]) == 2  # the loop ran its two optimizer steps
+    assert capsys.readouterr().out.startswith("0 ")
