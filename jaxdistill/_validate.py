@@ -66,7 +66,18 @@ class FlatInputs:
         out_of_range = (self.labels < 0) | (self.labels >= self.vocab_size)
         return jnp.any(self.valid & out_of_range)
 
-    def reduce(self, total, soft_sum, hard_sum, *, reduction, axis_name, return_aux):
+    def count_and_denominator(self, *, reduction, axis_name):
+        """(valid-token count, psum-ed over ``axis_name`` when given; the float32 reduction divisor).
+
+        The divisor is max(1, count) for ``"mean"`` and 1 for ``"sum"``.
+        """
+        count = jnp.sum(self.valid.astype(jnp.int32))
+        if axis_name is not None:
+            count = jax.lax.psum(count, axis_name)
+        denominator = jnp.maximum(count, 1).astype(jnp.float32) if reduction == "mean" else jnp.ones((), jnp.float32)
+        return count, denominator
+
+    def reduce(self, total, soft_sum, hard_sum, *, reduction, axis_name, return_aux, prescaled=False):
         """The loss (and aux) from sums over the valid rows; shared by the fused path and the reference.
 
         ``"mean"`` divides by max(1, valid-token count), psum-ed over ``axis_name`` when given.
@@ -74,15 +85,15 @@ class FlatInputs:
         ``stop_gradient``-ed.
 
         Args:
-          total: scalar Σ soft_weight·JSD + hard_weight·CE. soft_sum, hard_sum: scalar Σ JSD, Σ CE.
+          total: scalar Σ soft_weight·JSD + hard_weight·CE, or that sum already divided by the
+            divisor when ``prescaled`` (the fused path scales its gradients before rounding them).
+          soft_sum, hard_sum: scalar Σ JSD, Σ CE.
         """
-        count = jnp.sum(self.valid.astype(jnp.int32))
-        if axis_name is not None:
-            count = jax.lax.psum(count, axis_name)
+        count, denominator = self.count_and_denominator(reduction=reduction, axis_name=axis_name)
         dtype = jnp.result_type(total)
-        denominator = jnp.maximum(count, 1).astype(dtype) if reduction == "mean" else jnp.ones((), dtype)
+        denominator = denominator.astype(dtype)
         poison = jnp.where(self.any_bad_label() | self.bad_hyper(), jnp.nan, 1.0).astype(dtype)
-        loss = total * poison / denominator
+        loss = total * poison / (1 if prescaled else denominator)
         if not return_aux:
             return loss
         aux = {

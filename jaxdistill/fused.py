@@ -21,8 +21,8 @@ import numpy as np
 from jax import lax
 
 from jaxdistill import rowmath
-from jaxdistill._validate import validate_and_flatten
-from pallas_kernels import RowKernelConfig, distill_rows_pallas
+from jaxdistill._validate import concrete_float, validate_and_flatten
+from pallas_kernels import ChunkLogits, RowKernelConfig, distill_rows_pallas
 
 IMPLEMENTATIONS = ("xla", "pallas")
 # Budget for the two float32 (chunk, V) logits buffers of one chunk; the dlogits and the
@@ -52,25 +52,46 @@ def resolve_implementation(implementation: str | None) -> str:
     return implementation
 
 
+def divergence_of(beta) -> str:
+    """The divergence branch of a β known at trace time (its exact value), or ``TRACED_BETA``.
+
+    β = 0 exactly is forward KL and β = 1 exactly reverse KL; every other β in (0, 1), however
+    close to an endpoint (1e-40, 1 − 1e-8), is the mixture JSD_β.
+    """
+    value = concrete_float(beta, "beta")
+    if value is None:
+        return rowmath.TRACED_BETA
+    if value == 0.0:
+        return rowmath.FORWARD_KL
+    if value == 1.0:
+        return rowmath.REVERSE_KL
+    return rowmath.MIXTURE_JSD
+
+
 @dataclasses.dataclass(frozen=True)
 class FusedPlan:
     """Static plan of one fused call (hashable; part of the jit cache key).
 
     Attributes:
       chunk_size: rows per chunk (≥ 1); the last chunk is padded and masked.
-      implementation: ``"xla"`` or ``"pallas"``.
-      kernel_config: block sizes / warps / stages of the Pallas kernel (None for ``"xla"``).
+      implementation: ``"xla"`` or ``"pallas"`` (which logits stage runs; see
+        :mod:`jaxdistill.rowmath`).
+      divergence: the static divergence branch (:func:`divergence_of`).
+      kernel_config: launch config of the Pallas row kernel (None: its default; None for ``"xla"``).
       interpret: run the Pallas kernel in interpret mode (non-GPU backends).
       student_weight_layout, teacher_weight_layout: ``"hv"`` ((H, V) kernel) or ``"vh"``
         ((V, H) table, e.g. a tied embedding), contracted in place without a transpose.
+      vocab_axis_name: mesh axis over which the vocabulary is sharded, or None.
     """
 
     chunk_size: int
     implementation: str
+    divergence: str = rowmath.TRACED_BETA
     kernel_config: RowKernelConfig | None = None
     interpret: bool = False
     student_weight_layout: str = "hv"
     teacher_weight_layout: str = "hv"
+    vocab_axis_name: str | None = None
 
     def __post_init__(self):
         if isinstance(self.chunk_size, bool) or not isinstance(self.chunk_size, (int, np.integer)):
@@ -78,22 +99,67 @@ class FusedPlan:
         object.__setattr__(self, "chunk_size", int(self.chunk_size))
         if self.chunk_size <= 0:
             raise ValueError(f"`chunk_size` must be a positive int, got {self.chunk_size!r}")
-        if self.implementation not in IMPLEMENTATIONS:
-            raise ValueError(f"`implementation` must be one of {IMPLEMENTATIONS}, got {self.implementation!r}")
 
-    def distill_rows(self, student_logits, teacher_logits, labels, hyper, *, dlogits_dtype):
-        """The chunk implementation: per-row (soft, hard) losses and dlogits (rowmath contract)."""
-        if self.implementation == "xla":
-            return rowmath.distill_rows(student_logits, teacher_logits, labels, hyper, dlogits_dtype=dlogits_dtype)
-        return distill_rows_pallas(
-            student_logits,
-            teacher_logits,
-            labels,
-            hyper,
-            dlogits_dtype=dlogits_dtype,
-            config=self.kernel_config,
-            interpret=self.interpret,
+    def chunk_logits(self, x_s, w_s, b_s, x_t, w_t, b_t, hyper) -> ChunkLogits:
+        """Stage 1 of the XLA path: XLA's float32 logits, relative to their row maxima, and partials."""
+        z_s = _logits(x_s, w_s, b_s, self.student_weight_layout)
+        z_t = _logits(x_t, w_t, b_t, self.teacher_weight_layout)
+        return rowmath.chunk_logits_xla(z_s, z_t, hyper.inv_temperature)
+
+    def rows(self, x_s, w_s, b_s, x_t, w_t, b_t, labels, hyper, *, with_dlogits):
+        """One chunk's (soft_rows, hard_rows, dlogits or None).
+
+        ``"xla"``: the three stages of :mod:`jaxdistill.rowmath`. ``"pallas"``: XLA's logits, then
+        the Pallas row kernel, which computes the statistics, losses and dlogits of whole rows in
+        its own passes (its β branch is chosen at run time from float32 β, so the exact-β branch
+        choice of ``divergence`` applies to the XLA path).
+        """
+        if self.implementation == "pallas":
+            z_s = _logits(x_s, w_s, b_s, self.student_weight_layout)
+            z_t = _logits(x_t, w_t, b_t, self.teacher_weight_layout)
+            kernel_hyper = jnp.stack(
+                [
+                    hyper.beta,
+                    1.0 / hyper.inv_temperature,
+                    hyper.scale * hyper.soft_weight,
+                    hyper.scale * hyper.hard_weight,
+                ]
+            )
+            soft_rows, hard_rows, dlogits = distill_rows_pallas(
+                z_s,
+                z_t,
+                labels,
+                kernel_hyper,
+                dlogits_dtype=x_s.dtype,
+                config=self.kernel_config,
+                interpret=self.interpret,
+            )
+            return soft_rows, hard_rows, dlogits if with_dlogits else None
+        chunk = self.chunk_logits(x_s, w_s, b_s, x_t, w_t, b_t, hyper)
+        stats = rowmath.combine_partials(chunk.partials, hyper.inv_temperature, vocab_axis_name=self.vocab_axis_name)
+        vocab_start = self.vocab_start(w_s)
+        label_logits = _label_logits(
+            x_s, w_s, b_s, labels, self.student_weight_layout, vocab_start, self.vocab_axis_name
         )
+        return rowmath.soft_rows_and_dlogits(
+            chunk,
+            stats,
+            labels,
+            label_logits,
+            hyper,
+            divergence=self.divergence,
+            dlogits_dtype=x_s.dtype,
+            with_dlogits=with_dlogits,
+            vocab_axis_name=self.vocab_axis_name,
+            vocab_start=vocab_start,
+        )
+
+    def vocab_start(self, w_s):
+        """Global id of this device's first vocabulary column (0 unless the vocabulary is sharded)."""
+        if self.vocab_axis_name is None:
+            return 0
+        local_vocab = w_s.shape[1 - hidden_dim(self.student_weight_layout)]
+        return lax.axis_index(self.vocab_axis_name) * local_vocab
 
 
 def _contract(a, b, a_dim: int, b_dim: int):
@@ -112,6 +178,28 @@ def _logits(hidden, weight, bias, layout):
     return z if bias is None else z + bias.astype(jnp.float32)
 
 
+def _label_logits(x_s, w_s, b_s, labels, layout, vocab_start, vocab_axis_name):
+    """z_s[y] per row, float32, from the label's weight column alone (C·H work, not C·V).
+
+    Over a sharded vocabulary the shard that holds the label contributes it (a psum of one row
+    scalar). Ignored rows (negative labels) get an arbitrary finite value.
+    """
+    local_vocab = w_s.shape[1 - hidden_dim(layout)]
+    local = labels - vocab_start
+    here = (local >= 0) & (local < local_vocab)
+    safe = jnp.clip(local, 0, local_vocab - 1)
+    columns = jnp.take(w_s, safe, axis=1 - hidden_dim(layout))  # (H, C) for "hv", (C, H) for "vh"
+    if layout == "hv":
+        z = jnp.einsum("ch,hc->c", x_s, columns, preferred_element_type=jnp.float32)
+    else:
+        z = jnp.einsum("ch,ch->c", x_s, columns, preferred_element_type=jnp.float32)
+    if b_s is not None:
+        z = z + b_s[safe].astype(jnp.float32)
+    if vocab_axis_name is None:
+        return z
+    return lax.psum(jnp.where(here, z, 0.0), vocab_axis_name)
+
+
 def _chunked(x, chunk_size, fill):
     """(N, ...) → (⌈N/C⌉, C, ...), padding the last chunk with ``fill``."""
     n_rows = x.shape[0]
@@ -125,9 +213,8 @@ def _chunked(x, chunk_size, fill):
 def _varying_axes(*arrays) -> tuple[str, ...]:
     """Mesh axes over which any of ``arrays`` varies (non-empty only in shard_map with check_vma)."""
     axes = set()
-    for a in arrays:
-        if a is not None:
-            axes |= jax.typeof(a).manual_axis_type.varying
+    for a in jax.tree.leaves(arrays):
+        axes |= jax.typeof(a).manual_axis_type.varying
     return tuple(sorted(axes))
 
 
@@ -147,19 +234,20 @@ def _like_primal(cotangent, primal):
     return cotangent
 
 
-def _scan_losses_and_grads(plan, x_s, w_s, b_s, x_t, w_t, b_t, labels, hyper):
-    """Σ losses over valid rows and the gradients of Σ_rows ℓ, chunk by chunk.
+def _scan_losses_and_grads(plan, x_s, w_s, b_s, x_t, w_t, b_t, labels, hyper, *, with_grads=True):
+    """Σ losses over valid rows and the gradients of scale·Σ_rows ℓ, chunk by chunk.
 
     Args:
       plan: FusedPlan. x_s: (N, Hs). w_s: (Hs, V) or (V, Hs) by the plan's layout.
       b_s: (V,) or None. x_t: (N, Ht). w_t: (Ht, V) or (V, Ht). b_t: (V,) or None.
       labels: (N,) int32 in [0, V), −1 = ignored.
-      hyper: (4,) float32 [β, T, soft_weight, hard_weight].
+      hyper: :class:`jaxdistill.rowmath.Hyper`.
+      with_grads: False computes the losses only (no dlogits, no gradient matmuls).
 
     Returns:
-      (soft_sum, hard_sum) float32 scalars, grad_x (N, Hs) float32 (one rounding to the
-      activation dtype happens after the cotangent scaling), grad_W float32 in w_s's layout,
-      grad_b (V,) float32 or None.
+      (soft_sum, hard_sum) float32 scalars, then, with gradients, grad_x (N, Hs) float32 (one
+      rounding to the activation dtype happens after the cotangent scaling), grad_W float32
+      in w_s's layout, grad_b (V,) float32 or None; without, three Nones.
     """
     n_rows, hidden_s = x_s.shape
     chunk = max(1, min(plan.chunk_size, n_rows))
@@ -168,9 +256,12 @@ def _scan_losses_and_grads(plan, x_s, w_s, b_s, x_t, w_t, b_t, labels, hyper):
     def body(carry, chunk_inputs):
         soft_acc, hard_acc, grad_w, grad_b = carry
         x_s_c, x_t_c, labels_c = chunk_inputs
-        z_s = _logits(x_s_c, w_s, b_s, plan.student_weight_layout)
-        z_t = _logits(x_t_c, w_t, b_t, plan.teacher_weight_layout)
-        soft_rows, hard_rows, dlogits = plan.distill_rows(z_s, z_t, labels_c, hyper, dlogits_dtype=x_s.dtype)
+        soft_rows, hard_rows, dlogits = plan.rows(
+            x_s_c, w_s, b_s, x_t_c, w_t, b_t, labels_c, hyper, with_dlogits=with_grads
+        )
+        carry = (soft_acc + jnp.sum(soft_rows), hard_acc + jnp.sum(hard_rows), grad_w, grad_b)
+        if not with_grads:
+            return carry, None
         grad_x_c = _contract(dlogits, w_s, 1, 1 - hidden_dim(plan.student_weight_layout))
         if plan.student_weight_layout == "hv":
             grad_w = grad_w + _contract(x_s_c, dlogits, 0, 0)
@@ -178,39 +269,52 @@ def _scan_losses_and_grads(plan, x_s, w_s, b_s, x_t, w_t, b_t, labels, hyper):
             grad_w = grad_w + _contract(dlogits, x_s_c, 0, 0)
         if grad_b is not None:
             grad_b = grad_b + jnp.sum(dlogits, axis=0, dtype=jnp.float32)
-        carry = (soft_acc + jnp.sum(soft_rows), hard_acc + jnp.sum(hard_rows), grad_w, grad_b)
-        return carry, grad_x_c
+        return (carry[0], carry[1], grad_w, grad_b), grad_x_c
 
     zero = jnp.zeros((), jnp.float32)
-    init = (
-        zero,
-        zero,
-        jnp.zeros(w_s.shape, jnp.float32),
-        None if b_s is None else jnp.zeros(b_s.shape, jnp.float32),
-    )
+    init = (zero, zero, None, None)
+    if with_grads:
+        init = (
+            zero,
+            zero,
+            jnp.zeros(w_s.shape, jnp.float32),
+            None if b_s is None else jnp.zeros(b_s.shape, jnp.float32),
+        )
     axes = _varying_axes(x_s, w_s, b_s, x_t, w_t, b_t, labels, hyper)
     if axes:  # inside shard_map(check_vma=True) the carry varies like the chunk results do
         init = jax.tree.map(lambda z: lax.pcast(z, axes, to="varying"), init)
     (soft_sum, hard_sum, grad_w, grad_b), grad_x = lax.scan(body, init, xs)
-    return soft_sum, hard_sum, grad_x.reshape(-1, hidden_s)[:n_rows], grad_w, grad_b
+    if not with_grads:
+        return soft_sum, hard_sum, None, None, None
+    grad_x = grad_x.reshape(-1, hidden_s)[:n_rows]
+    if plan.vocab_axis_name is not None:  # each vocabulary shard holds its part of dZ·Wᵀ
+        grad_x = lax.psum(grad_x, plan.vocab_axis_name)
+    return soft_sum, hard_sum, grad_x, grad_w, grad_b
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _fused_sums(plan, x_s, w_s, b_s, x_t, w_t, b_t, labels, hyper):
-    """(Σ soft_weight·JSD + hard_weight·CE, Σ JSD, Σ CE) over valid rows; see _scan_losses_and_grads."""
-    soft_sum, hard_sum, *_ = _scan_losses_and_grads(plan, x_s, w_s, b_s, x_t, w_t, b_t, labels, hyper)
-    return hyper[2] * soft_sum + hyper[3] * hard_sum, soft_sum, hard_sum
+    """(scale·Σ (soft_weight·JSD + hard_weight·CE), Σ JSD, Σ CE) over valid rows.
+
+    Without differentiation this is the value-only path: no dlogits, no gradient matmuls, and at
+    β ∈ {0, 1} no logits stored at all. See :func:`_scan_losses_and_grads`.
+    """
+    soft_sum, hard_sum, *_ = _scan_losses_and_grads(plan, x_s, w_s, b_s, x_t, w_t, b_t, labels, hyper, with_grads=False)
+    return _weighted_total(hyper, soft_sum, hard_sum), soft_sum, hard_sum
+
+
+def _weighted_total(hyper, soft_sum, hard_sum):
+    return hyper.scale * (hyper.soft_weight * soft_sum + hyper.hard_weight * hard_sum)
 
 
 def _fused_sums_fwd(plan, x_s, w_s, b_s, x_t, w_t, b_t, labels, hyper):
     soft_sum, hard_sum, grad_x, grad_w, grad_b = _scan_losses_and_grads(
         plan, x_s, w_s, b_s, x_t, w_t, b_t, labels, hyper
     )
-    total = hyper[2] * soft_sum + hyper[3] * hard_sum
     # The student inputs are saved (no copies: they are the primal inputs) for the dtypes and
     # varying axes of their cotangents.
     residuals = (grad_x, grad_w, grad_b, soft_sum, hard_sum, x_s, w_s, b_s, hyper)
-    return (total, soft_sum, hard_sum), residuals
+    return (_weighted_total(hyper, soft_sum, hard_sum), soft_sum, hard_sum), residuals
 
 
 def _fused_sums_bwd(plan, residuals, cotangents):
@@ -218,8 +322,16 @@ def _fused_sums_bwd(plan, residuals, cotangents):
     grad_x, grad_w, grad_b, soft_sum, hard_sum, x_s, w_s, b_s, hyper = residuals
     g = cotangents[0]  # the soft/hard outputs are stop_gradient-ed by the caller
     nan = jnp.full((), jnp.nan, jnp.float32)
-    # d/d(soft_weight) and d/d(hard_weight) are exact; β and T are not differentiable (NaN).
-    grad_hyper = g * jnp.stack([nan, nan, soft_sum, hard_sum])
+    # d/d(soft_weight) and d/d(hard_weight) are exact; β and T are not differentiable (NaN);
+    # the scale is a function of the labels (no gradient).
+    grad_hyper = rowmath.Hyper(
+        beta=nan,
+        one_minus_beta=nan,
+        inv_temperature=nan,
+        soft_weight=hyper.scale * soft_sum,
+        hard_weight=hyper.scale * hard_sum,
+        scale=jnp.zeros((), jnp.float32),
+    )
     return (
         _like_primal((g * grad_x).astype(x_s.dtype), x_s),
         _like_primal((g * grad_w).astype(w_s.dtype), w_s),
@@ -228,7 +340,7 @@ def _fused_sums_bwd(plan, residuals, cotangents):
         None,
         None,
         None,
-        _like_primal(grad_hyper.astype(hyper.dtype), hyper),
+        jax.tree.map(lambda c, h: _like_primal((g * c).astype(h.dtype), h), grad_hyper, hyper),
     )
 
 
@@ -360,6 +472,7 @@ def fused_linear_jsd_loss(
     plan = FusedPlan(
         chunk_size=chunk_size,
         implementation=implementation,
+        divergence=divergence_of(beta),
         kernel_config=kernel_config,
         interpret=jax.default_backend() != "gpu",
         student_weight_layout=student_weight_layout,
@@ -368,7 +481,8 @@ def fused_linear_jsd_loss(
 
     # Rows the kernel sees: a label in [0, V) for valid rows, −1 for ignored ones.
     kernel_labels = jnp.where(a.valid, jnp.clip(a.labels, 0, vocab - 1), -1)
-    hyper = jnp.stack([jnp.asarray(v, jnp.float32) for v in (beta, temperature, soft_weight, hard_weight)])
+    _, denominator = a.count_and_denominator(reduction=reduction, axis_name=axis_name)
+    hyper = _hyper(beta, temperature, soft_weight, hard_weight, 1.0 / denominator)
     total, soft_sum, hard_sum = _fused_sums(
         plan,
         a.student_hidden,
@@ -380,4 +494,21 @@ def fused_linear_jsd_loss(
         kernel_labels,
         hyper,
     )
-    return a.reduce(total, soft_sum, hard_sum, reduction=reduction, axis_name=axis_name, return_aux=return_aux)
+    return a.reduce(
+        total, soft_sum, hard_sum, reduction=reduction, axis_name=axis_name, return_aux=return_aux, prescaled=True
+    )
+
+
+def _hyper(beta, temperature, soft_weight, hard_weight, scale) -> rowmath.Hyper:
+    """The float32 hyper-parameters, with 1 − β from the exact β when β is known at trace time."""
+    beta_value = concrete_float(beta, "beta")
+    one_minus_beta = 1.0 - jnp.asarray(beta, jnp.float32) if beta_value is None else 1.0 - beta_value
+    f32 = lambda v: jnp.asarray(v, jnp.float32)  # noqa: E731
+    return rowmath.Hyper(
+        beta=f32(beta),
+        one_minus_beta=f32(one_minus_beta),
+        inv_temperature=1.0 / f32(temperature),
+        soft_weight=f32(soft_weight),
+        hard_weight=f32(hard_weight),
+        scale=lax.stop_gradient(f32(scale)),
+    )

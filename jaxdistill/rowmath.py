@@ -1,95 +1,308 @@
-"""Per-row distillation math on one chunk of logits, in plain jnp (the XLA path).
+"""Per-row distillation math of one chunk, in three stages shared by every implementation.
 
-This is the contract that every chunk implementation meets (the Pallas kernel in
-``pallas_kernels`` has the same signature and is tested against this function):
+A chunk of R rows goes through:
 
-    distill_rows(student_logits, teacher_logits, labels, hyper, *, dlogits_dtype)
-        -> (soft_rows, hard_rows, dlogits)
+1. **Logits stage** (implementation-specific): the student and teacher logits, each stored
+   relative to the maximum of its vocabulary tile (d = z − m_tile), with per-(tile, row) softmax
+   partials (:class:`pallas_kernels.TilePartials`). The Pallas kernel
+   (:func:`pallas_kernels.logits_and_partials_pallas`) produces them in the logits matmul's
+   epilogue; the XLA path uses :func:`chunk_logits_xla` on XLA's logits (one tile per row).
+2. **Combination** (:func:`combine_partials`): the partials become row statistics — the
+   maxima, the three log-normalizers and both KLs. Over a sharded vocabulary this is where the
+   row scalars are all-reduced (``vocab_axis_name``); nothing else crosses devices.
+3. **Row losses and dlogits** (:func:`soft_rows_and_dlogits`): β = 0 and β = 1 take their loss
+   from the statistics and need one elementwise pass to write dlogits; 0 < β < 1 first reduces
+   KL(P‖M) and KL(Q‖M) over the row (a second all-reduced row scalar), then writes.
 
-with, for row r, s' = z_s/T, t' = z_t/T, Q = softmax(s') (student), P = softmax(t')
-(teacher), M = βP + (1−β)Q:
+With s' = z_s/T, t' = z_t/T, Q = softmax(s') (student), P = softmax(t') (teacher),
+M = βP + (1−β)Q, a valid row r gets
 
-* ``soft_rows[r]`` = JSD_β (β = 0: KL(P‖Q); β = 1: KL(Q‖P)), unweighted, float32;
-* ``hard_rows[r]`` = CE = −log softmax(z_s)[y], unweighted and untempered, float32;
-* ``dlogits[r]`` = soft_weight/T · ∂JSD_β/∂s' + hard_weight · (softmax(z_s) − onehot(y)),
-  cast to ``dlogits_dtype``.
+* soft = JSD_β = β·KL(P‖M) + (1−β)·KL(Q‖M) (β = 0: KL(P‖Q), forward; β = 1: KL(Q‖P), reverse);
+* hard = CE = −log softmax(z_s)[y] (untempered);
+* dlogits = scale·(soft_weight/T · ∂JSD_β/∂s' + hard_weight · (softmax(z_s) − onehot(y))),
 
-Rows whose label is negative are ignored: zeros in all three outputs.
+with ∂/∂s' = Q − P (β = 0), Q ⊙ (log Q − log P − KL(Q‖P)) (β = 1), and
+Q ⊙ (a − Σ Q a), a = (1−β)(log Q − log M) (interior). Rows with a negative label are ignored
+(zeros everywhere).
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
+from pallas_kernels import ChunkLogits, TilePartials
 
-def divergence_branch(beta: jax.Array) -> jax.Array:
-    """Index of the divergence formula for β: 0 forward KL (β=0), 1 interior JSD, 2 reverse KL (β=1)."""
-    return jnp.where(beta <= 0.0, 0, jnp.where(beta >= 1.0, 2, 1)).astype(jnp.int32)
-
-
-def _forward_kl(log_p, log_q, p, q, beta):
-    """KL(P‖Q) and its gradient w.r.t. s' (Q − P)."""
-    del beta
-    return jnp.sum(p * (log_p - log_q), axis=-1), q - p
+# Divergence selectors. A β known at trace time picks its branch statically, from its exact
+# value; a traced β selects at run time (β ≤ 0 forward, β ≥ 1 reverse, else the mixture).
+FORWARD_KL, MIXTURE_JSD, REVERSE_KL, TRACED_BETA = "forward_kl", "mixture_jsd", "reverse_kl", "traced"
 
 
-def _mixture_jsd(log_p, log_q, p, q, beta):
-    """Generalized JSD_β and its gradient Q ⊙ (a − Σ Q a), a = (1−β)(log Q − log M)."""
-    log_m = jnp.logaddexp(jnp.log(beta) + log_p, jnp.log1p(-beta) + log_q)
-    kl_p_m = jnp.sum(p * (log_p - log_m), axis=-1)
-    kl_q_m = jnp.sum(q * (log_q - log_m), axis=-1)
-    a = (1.0 - beta) * (log_q - log_m)
-    grad = q * (a - ((1.0 - beta) * kl_q_m)[:, None])
-    return beta * kl_p_m + (1.0 - beta) * kl_q_m, grad
+class Hyper(NamedTuple):
+    """Float32 scalars of one call (runtime values: changing them does not recompile).
+
+    ``one_minus_beta`` is 1 − β computed exactly from the given β (not 1 − float32(β)), and
+    ``scale`` multiplies every row's gradient (1 / the valid-token count for ``"mean"``), so the
+    dlogits are scaled before they are rounded to the activation dtype.
+    """
+
+    beta: jax.Array
+    one_minus_beta: jax.Array
+    inv_temperature: jax.Array
+    soft_weight: jax.Array
+    hard_weight: jax.Array
+    scale: jax.Array
 
 
-def _reverse_kl(log_p, log_q, p, q, beta):
-    """KL(Q‖P) and its gradient Q ⊙ (log Q − log P − KL(Q‖P))."""
-    del p, beta
-    kl = jnp.sum(q * (log_q - log_p), axis=-1)
-    return kl, q * (log_q - log_p - kl[:, None])
+class RowStats(NamedTuple):
+    """Row statistics of a chunk, each float32 (R,), from :func:`combine_partials`.
+
+    Attributes:
+      max_s, max_t: M_s = max z_s, M_t = max z_t (over the whole, possibly sharded, vocabulary).
+      log_sum_q: log Σ exp((z_s − M_s)/T). log_sum_u: log Σ exp(z_s − M_s) (untempered).
+      log_sum_p: log Σ exp((z_t − M_t)/T).
+      kl_fwd: KL(P‖Q). kl_rev: KL(Q‖P).
+    """
+
+    max_s: jax.Array
+    log_sum_q: jax.Array
+    log_sum_u: jax.Array
+    max_t: jax.Array
+    log_sum_p: jax.Array
+    kl_fwd: jax.Array
+    kl_rev: jax.Array
 
 
-def distill_rows(
-    student_logits: jax.Array,
-    teacher_logits: jax.Array,
-    labels: jax.Array,
-    hyper: jax.Array,
-    *,
-    dlogits_dtype,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Per-row JSD_β and CE losses of a chunk with their gradient w.r.t. the student logits.
+def _finite_or_zero(m):
+    return jnp.where(jnp.isneginf(m), 0.0, m)
+
+
+def _weighted(w, x):
+    """w·x with w = 0 terms giving 0 even where x is not finite (0·∞ is a masked column, not NaN)."""
+    return jnp.where(w > 0.0, w * x, 0.0)
+
+
+def tile_partials(d_s, d_t, max_s, max_t, inv_t) -> TilePartials:
+    """Partials of one tile per row from its relative logits (the kernel epilogue's math in jnp).
 
     Args:
-      student_logits: (R, V) float32 student logits z_s.
-      teacher_logits: (R, V) float32 teacher logits z_t.
-      labels: (R,) int32; in [0, V) for valid rows, negative for ignored rows.
-      hyper: (4,) float32 ``[beta, temperature, soft_weight, hard_weight]``.
-      dlogits_dtype: dtype of the returned gradient (the activation dtype).
+      d_s, d_t: (R, W) z − m_tile (≤ 0, or −inf). max_s, max_t: (R,) the tile maxima m_tile.
+      inv_t: scalar 1/T.
 
     Returns:
-      ``(soft_rows (R,) f32, hard_rows (R,) f32, dlogits (R, V) dlogits_dtype)`` as in the
-      module docstring.
+      :class:`TilePartials` with (1, R) entries.
     """
-    beta, temperature, soft_weight, hard_weight = (hyper[i] for i in range(4))
-    valid = labels >= 0
-    inv_t = 1.0 / temperature
-    log_q = jax.nn.log_softmax(student_logits * inv_t, axis=-1)
-    log_p = jax.nn.log_softmax(teacher_logits * inv_t, axis=-1)
-    p, q = jnp.exp(log_p), jnp.exp(log_q)
-    soft, soft_grad = lax.switch(
-        divergence_branch(beta), (_forward_kl, _mixture_jsd, _reverse_kl), log_p, log_q, p, q, beta
+    e_q, e_u, e_p = jnp.exp(d_s * inv_t), jnp.exp(d_s), jnp.exp(d_t * inv_t)
+    rows = (
+        max_s,
+        jnp.sum(e_q, axis=-1),
+        jnp.sum(e_u, axis=-1),
+        max_t,
+        jnp.sum(e_p, axis=-1),
+        jnp.sum(_weighted(e_p, d_t - d_s), axis=-1) * inv_t,
+        jnp.sum(_weighted(e_q, d_s - d_t), axis=-1) * inv_t,
+    )
+    return TilePartials(*(x[None, :] for x in rows))
+
+
+def chunk_logits_xla(student_logits, teacher_logits, inv_t) -> ChunkLogits:
+    """The XLA path's logits stage: float32 logits relative to their row maxima, one tile per row.
+
+    Args:
+      student_logits, teacher_logits: (R, V) float32 z_s and z_t. inv_t: scalar 1/T.
+    """
+    max_s = jnp.max(student_logits, axis=-1)
+    max_t = jnp.max(teacher_logits, axis=-1)
+    d_s = student_logits - _finite_or_zero(max_s)[:, None]
+    d_t = teacher_logits - _finite_or_zero(max_t)[:, None]
+    return ChunkLogits(d_s, d_t, tile_partials(d_s, d_t, max_s, max_t, inv_t), student_logits.shape[-1])
+
+
+def combine_partials(partials: TilePartials, inv_t, *, vocab_axis_name=None) -> RowStats:
+    """Row statistics from per-(tile, row) partials, all-reduced over ``vocab_axis_name`` if given.
+
+    With δ_j = m_j − M (tile max minus row max) and w_j = exp(δ_j/T):
+    S = Σ_j w_j·sum_j, and KL(P‖Q) = Σ_j w_p,j·(kl_fwd_j + sum_p,j·(δ_t,j − δ_s,j)/T) / S_p
+    − log S_p + log S_q (KL(Q‖P) likewise with the roles swapped). Every term is relative to a
+    maximum, so nothing overflows and the KLs do not cancel against the logits' magnitude.
+
+    Args:
+      partials: (n_tiles, R) each. inv_t: scalar 1/T.
+      vocab_axis_name: mesh axis over which the vocabulary is sharded (inside ``shard_map``), or None.
+
+    Returns:
+      :class:`RowStats`.
+    """
+    max_s = jnp.max(partials.max_s, axis=0)
+    max_t = jnp.max(partials.max_t, axis=0)
+    if vocab_axis_name is not None:
+        max_s, max_t = lax.pmax((max_s, max_t), vocab_axis_name)
+    delta_s = partials.max_s - _finite_or_zero(max_s)  # ≤ 0, −inf for an all −inf tile
+    delta_t = partials.max_t - _finite_or_zero(max_t)
+    w_q, w_u, w_p = jnp.exp(delta_s * inv_t), jnp.exp(delta_s), jnp.exp(delta_t * inv_t)
+    sums = (
+        jnp.sum(w_q * partials.sum_q, axis=0),
+        jnp.sum(w_u * partials.sum_u, axis=0),
+        jnp.sum(w_p * partials.sum_p, axis=0),
+        jnp.sum(_weighted(w_p, partials.kl_fwd + _weighted(partials.sum_p, (delta_t - delta_s) * inv_t)), axis=0),
+        jnp.sum(_weighted(w_q, partials.kl_rev + _weighted(partials.sum_q, (delta_s - delta_t) * inv_t)), axis=0),
+    )
+    if vocab_axis_name is not None:
+        sums = lax.psum(sums, vocab_axis_name)
+    sum_q, sum_u, sum_p, fwd, rev = sums
+    log_sum_q, log_sum_u, log_sum_p = jnp.log(sum_q), jnp.log(sum_u), jnp.log(sum_p)
+    return RowStats(
+        max_s=max_s,
+        log_sum_q=log_sum_q,
+        log_sum_u=log_sum_u,
+        max_t=max_t,
+        log_sum_p=log_sum_p,
+        kl_fwd=fwd / sum_p - log_sum_p + log_sum_q,
+        kl_rev=rev / sum_q - log_sum_q + log_sum_p,
     )
 
-    log_q_untempered = jax.nn.log_softmax(student_logits, axis=-1)
-    safe_labels = jnp.maximum(labels, 0)
-    hard = -jnp.take_along_axis(log_q_untempered, safe_labels[:, None], axis=-1)[:, 0]
-    onehot = jnp.arange(student_logits.shape[-1], dtype=jnp.int32)[None, :] == safe_labels[:, None]
-    hard_grad = jnp.exp(log_q_untempered) - onehot.astype(jnp.float32)
 
-    dlogits = (soft_weight * inv_t) * soft_grad + hard_weight * hard_grad
+def _expand_tiles(per_tile, tile_width: int, vocab: int):
+    """(n_tiles, R) → (R, V): each tile's value repeated over its columns."""
+    n_tiles, rows = per_tile.shape
+    expanded = jnp.broadcast_to(per_tile.T[:, :, None], (rows, n_tiles, tile_width))
+    return expanded.reshape(rows, n_tiles * tile_width)[:, :vocab]
+
+
+def _mixture_log_m(log_p, log_q, beta, one_minus_beta):
+    """log M = log(βP + (1−β)Q), as a log-sum-exp (never the log of an underflowing sum)."""
+    return jnp.logaddexp(jnp.log(beta) + log_p, jnp.log(one_minus_beta) + log_q)
+
+
+def soft_rows_and_dlogits(
+    chunk: ChunkLogits,
+    stats: RowStats,
+    labels,
+    label_logits,
+    hyper: Hyper,
+    *,
+    divergence: str,
+    dlogits_dtype,
+    with_dlogits: bool = True,
+    vocab_axis_name=None,
+    vocab_start=0,
+):
+    """Per-row JSD_β and CE of a chunk and (optionally) its scaled dlogits; see the module doc.
+
+    Args:
+      chunk: the logits stage's output, (R, V) relative logits and (n_tiles, R) partials.
+      stats: :func:`combine_partials` of those partials.
+      labels: (R,) int32 global token ids; negative = ignored row.
+      label_logits: (R,) float32 z_s[y] (any value on ignored rows).
+      hyper: :class:`Hyper`.
+      divergence: ``FORWARD_KL``, ``MIXTURE_JSD``, ``REVERSE_KL`` or ``TRACED_BETA``.
+      dlogits_dtype: dtype of the returned dlogits (the activation dtype).
+      with_dlogits: False computes the losses only (dlogits None): β ∈ {0, 1} then read no logits.
+      vocab_axis_name: mesh axis of a sharded vocabulary (row sums are all-reduced over it).
+      vocab_start: global id of this shard's first column (0 when not sharded).
+
+    Returns:
+      ``(soft_rows (R,) f32, hard_rows (R,) f32, dlogits (R, V) dlogits_dtype or None)``.
+    """
+    inv_t = hyper.inv_temperature
+    valid = labels >= 0
+    vocab = chunk.student.shape[-1]
+    hard = stats.max_s + stats.log_sum_u - label_logits
+
+    def log_probs():
+        """log Q, log P, log softmax(z_s) of every column, from the relative logits and the stats."""
+        off_s = _expand_tiles(chunk.partials.max_s - _finite_or_zero(stats.max_s), chunk.tile_width, vocab)
+        off_t = _expand_tiles(chunk.partials.max_t - _finite_or_zero(stats.max_t), chunk.tile_width, vocab)
+        z_s = chunk.student.astype(jnp.float32) + off_s  # z_s − M_s
+        z_t = chunk.teacher.astype(jnp.float32) + off_t
+        log_q = z_s * inv_t - stats.log_sum_q[:, None]
+        log_p = z_t * inv_t - stats.log_sum_p[:, None]
+        return log_q, log_p, z_s - stats.log_sum_u[:, None]
+
+    def mixture_kls(log_q, log_p):
+        log_m = _mixture_log_m(log_p, log_q, hyper.beta, hyper.one_minus_beta)
+        p, q = jnp.exp(log_p), jnp.exp(log_q)
+        sums = (jnp.sum(_weighted(p, log_p - log_m), axis=-1), jnp.sum(_weighted(q, log_q - log_m), axis=-1))
+        if vocab_axis_name is not None:
+            sums = lax.psum(sums, vocab_axis_name)
+        return log_m, sums
+
+    def soft_only(kind):
+        """The loss alone: β ∈ {0, 1} from the statistics, the mixture with one reduction pass."""
+        if kind == FORWARD_KL:
+            return stats.kl_fwd
+        if kind == REVERSE_KL:
+            return stats.kl_rev
+        log_q, log_p, _ = log_probs()
+        _, (kl_pm, kl_qm) = mixture_kls(log_q, log_p)
+        return hyper.beta * kl_pm + hyper.one_minus_beta * kl_qm
+
+    def soft_and_grad(kind, log_q, log_p):
+        q = jnp.exp(log_q)
+        if kind == FORWARD_KL:
+            return stats.kl_fwd, q - jnp.exp(log_p)
+        if kind == REVERSE_KL:
+            return stats.kl_rev, _weighted(q, log_q - log_p - stats.kl_rev[:, None])
+        log_m, (kl_pm, kl_qm) = mixture_kls(log_q, log_p)
+        a = hyper.one_minus_beta * (log_q - log_m - kl_qm[:, None])  # a − Σ Q a
+        return hyper.beta * kl_pm + hyper.one_minus_beta * kl_qm, _weighted(q, a)
+
+    kinds = (FORWARD_KL, MIXTURE_JSD, REVERSE_KL)
+    branch = jnp.where(hyper.beta <= 0.0, 0, jnp.where(hyper.beta >= 1.0, 2, 1)).astype(jnp.int32)
+    zero_rows = jnp.zeros_like(hard)
+
+    if not with_dlogits:
+        if divergence == TRACED_BETA:
+            soft = lax.switch(branch, [lambda k=k: soft_only(k) for k in kinds])
+        else:
+            soft = soft_only(divergence)
+        return jnp.where(valid, soft, zero_rows), jnp.where(valid, hard, zero_rows), None
+
+    log_q, log_p, log_u = log_probs()
+    if divergence == TRACED_BETA:
+        soft, soft_grad = lax.switch(
+            branch, [lambda lq, lp, k=k: soft_and_grad(k, lq, lp) for k in kinds], log_q, log_p
+        )
+    else:
+        soft, soft_grad = soft_and_grad(divergence, log_q, log_p)
+    cols = vocab_start + jnp.arange(vocab, dtype=jnp.int32)
+    hard_grad = jnp.exp(log_u) - (cols[None, :] == labels[:, None]).astype(jnp.float32)
+    dlogits = (hyper.scale * hyper.soft_weight * inv_t) * soft_grad + (hyper.scale * hyper.hard_weight) * hard_grad
     dlogits = jnp.where(valid[:, None], dlogits, 0.0).astype(dlogits_dtype)
-    zero = jnp.zeros_like(soft)
-    return jnp.where(valid, soft, zero), jnp.where(valid, hard, zero), dlogits
+    return jnp.where(valid, soft, zero_rows), jnp.where(valid, hard, zero_rows), dlogits
+
+
+def distill_rows(student_logits, teacher_logits, labels, hyper, *, dlogits_dtype):
+    """Whole-row contract of the Pallas row kernel (:func:`pallas_kernels.distill_rows_pallas`).
+
+    The three stages on one chunk of float32 logits, with ``hyper`` = (4,) float32
+    ``[beta, temperature, soft_weight, hard_weight]`` (scale 1, β branch chosen at run time).
+
+    Args:
+      student_logits, teacher_logits: (R, V) float32. labels: (R,) int32, negative = ignored; a
+        label ≥ V gives a NaN hard loss (its dlogits use column V − 1 as the label).
+      dlogits_dtype: dtype of the returned dlogits.
+
+    Returns:
+      ``(soft_rows (R,) f32, hard_rows (R,) f32, dlogits (R, V) dlogits_dtype)``.
+    """
+    beta, temperature, soft_weight, hard_weight = (hyper[i] for i in range(4))
+    inv_t = 1.0 / temperature
+    chunk = chunk_logits_xla(student_logits, teacher_logits, inv_t)
+    stats = combine_partials(chunk.partials, inv_t)
+    safe = jnp.clip(labels, 0, student_logits.shape[-1] - 1)
+    label_logits = jnp.take_along_axis(student_logits, safe[:, None], axis=-1)[:, 0]
+    label_logits = jnp.where(labels >= student_logits.shape[-1], jnp.nan, label_logits)  # flagged, never read
+    one = jnp.ones((), jnp.float32)
+    return soft_rows_and_dlogits(
+        chunk,
+        stats,
+        labels,
+        label_logits,
+        Hyper(beta, 1.0 - beta, inv_t, soft_weight, hard_weight, one),
+        divergence=TRACED_BETA,
+        dlogits_dtype=dlogits_dtype,
+    )
