@@ -23,6 +23,17 @@ tokens per device, bf16; ``--tiny`` is a float32 CPU smoke test (e.g. with
 size's own counts; values given explicitly are used as given, with ``--tiny`` too. The inputs are
 drawn by :func:`bench.suite.make_inputs`, the benchmark suite's generator. The JSON records
 date, git sha, jax and jaxlib versions.
+
+``--vocab-parallel``: vocabulary parallelism instead. For each problem (``--vocab-presets`` head
+shapes × ``--vocab-tokens`` N, bf16; ``--tiny``: one float32 CPU size) it times the same
+value-and-gradients step on one device with the whole heads (``1-device``) and with the heads
+split over V on (1, M) meshes of the first M devices, M in ``--model-axis``
+(:func:`jaxdistill.training.vocab_parallel_head_loss`: every device sees the N tokens and V/M
+columns of each head). Each row records the step time, the compiled per-device memory
+(``memory_analysis()``: arguments, i.e. the head shards, and the extra memory, temporaries +
+outputs), the equality with the 1-device step (same tolerance as above) and the compiled
+collectives: their names and the model-axis all-reduces, per chunk and per call. Writes
+``DIR/multi_gpu_vocab.json``.
 """
 
 from __future__ import annotations
@@ -47,7 +58,7 @@ from bench.common import HelpFormatter, add_git_sha_flag
 from bench.suite import make_inputs, percentiles_ms, time_calls
 from jaxdistill.fused import resolve_implementation
 from jaxdistill.heads import LMHead
-from jaxdistill.training import DistillConfig, shard_mapped_head_loss
+from jaxdistill.training import DistillConfig, shard_mapped_head_loss, vocab_parallel_head_loss
 
 AXIS = "data"
 COLLECTIVES = ("all-gather", "all-reduce", "all-to-all", "collective-permute", "reduce-scatter")
@@ -86,6 +97,44 @@ def collectives(hlo_text: str) -> list[str]:
 
 _COMPUTATION = re.compile(r"^(ENTRY )?%?([\w.\-]+) .*\{$")
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = \w+\[([\d,]*)\]\S* (\w[\w\-]*)\(")
+_ALL_REDUCE = re.compile(r"^\s*(?:ROOT )?%?[\w.\-]+ = (\(.*?\)|\S+) all-reduce(?:-start)?\(")
+_ARRAY_SHAPE = re.compile(r"(\w+)\[([\d,]*)\]")
+_LISTED_GROUPS = re.compile(r"replica_groups=\{((?:\{[\d,]*\},?)*)\}")
+_IOTA_GROUPS = re.compile(r"replica_groups=\[([\d,]+)\]<=\[([\d,]+)\](?:T\(([\d,]+)\))?")
+
+
+def _replica_groups(line: str) -> list[list[int]]:
+    """The device groups of a collective, from either HLO notation ({{0,1},{2,3}} or [2,2]<=[4])."""
+    listed = _LISTED_GROUPS.search(line)
+    if listed:
+        return [[int(d) for d in g.split(",") if d] for g in re.findall(r"\{([\d,]*)\}", listed.group(1))]
+    iota = _IOTA_GROUPS.search(line)
+    if not iota:
+        return []
+    shape, dims, perm = (None if g is None else [int(v) for v in g.split(",")] for g in iota.groups())
+    ids = np.arange(int(np.prod(dims))).reshape(dims)
+    return ids.transpose(perm if perm else range(len(dims))).reshape(shape).tolist()
+
+
+def all_reduces(hlo_text: str) -> list[dict]:
+    """Every all-reduce of a compiled HLO module: ``{"shapes", "groups", "entry"}``.
+
+    ``shapes``: the reduced arrays, e.g. ``["f32[1024]", "f32[1024]"]`` (a combined all-reduce
+    has several); ``groups``: the device groups (lists of device ids); ``entry``: whether it is
+    in the entry computation (once per call) rather than in a loop body or a branch (once per
+    chunk).
+    """
+    found, current = [], None
+    for line in hlo_text.splitlines():
+        header = _COMPUTATION.match(line)
+        if header:
+            current = "entry" if header.group(1) else header.group(2)
+            continue
+        match = _ALL_REDUCE.match(line)
+        if match:
+            shapes = [f"{dtype}[{dims}]" for dtype, dims in _ARRAY_SHAPE.findall(match.group(1))]
+            found.append({"shapes": shapes, "groups": _replica_groups(line), "entry": current == "entry"})
+    return found
 
 
 def weight_sized_copies(hlo_text: str, rows: int, cols: int) -> dict:
@@ -158,29 +207,37 @@ def _per_device_stack(x: jax.Array, devices) -> jax.Array:
     return jax.make_array_from_single_device_arrays((len(devices), *shards[0].shape), sharding, stacked)
 
 
+def value_and_grads(head_loss):
+    """``(xs, ws, xt, wt, y) -> (loss, (grad_xs, grad_ws))`` of ``head_loss`` on two untied (H, V) heads."""
+
+    def loss(xs, ws, xt, wt, y):
+        return head_loss(xs, LMHead(ws), xt, LMHead(wt), y)[0]
+
+    return jax.value_and_grad(loss, argnums=(0, 1))
+
+
+def head_step(head_loss):
+    """The benchmarked step: ``(xs, ws, xt, wt, y) -> (loss, grad_xs, grad_ws)``."""
+
+    def step(xs, ws, xt, wt, y):
+        loss, (gx, gw) = value_and_grads(head_loss)(xs, ws, xt, wt, y)
+        return loss, gx, gw
+
+    return step
+
+
 def build_steps(size: Size, mesh: Mesh, inputs: dict) -> dict:
     """{variant: (callable, args)}; each returns (loss, grad_student_hidden, grad_student_weight)."""
     config = DistillConfig(**CONFIG, chunk_size=size.chunk_size)
     devices = list(mesh.devices.flat)
-
-    def value_and_grads(head_loss):
-        def loss(xs, ws, xt, wt, y):
-            return head_loss(xs, LMHead(ws), xt, LMHead(wt), y)[0]
-
-        return jax.value_and_grad(loss, argnums=(0, 1))
-
-    def single(xs, ws, xt, wt, y):
-        loss, (gx, gw) = value_and_grads(config.head_loss)(xs, ws, xt, wt, y)
-        return loss, gx, gw
+    single = head_step(config.head_loss)
 
     def per_device(xs, ws, xt, wt, y):
         head_loss = lambda *a: config.head_loss(*a, axis_name=AXIS)  # noqa: E731
         loss, (gx, gw) = value_and_grads(head_loss)(xs, ws, xt, wt, y)
         return jax.lax.psum(loss, AXIS), gx, jax.lax.psum(gw, AXIS)
 
-    def sharded(xs, ws, xt, wt, y):
-        loss, (gx, gw) = value_and_grads(shard_mapped_head_loss(mesh, config=config, axis_name=AXIS))(xs, ws, xt, wt, y)
-        return loss, gx, gw
+    sharded = head_step(shard_mapped_head_loss(mesh, config=config, axis_name=AXIS))
 
     names = ("student_hidden", "student_weight", "teacher_hidden", "teacher_weight", "labels")
     args = tuple(inputs[k] for k in names)
@@ -294,6 +351,194 @@ def run(size: Size, *, warmup: int, iters: int, sha: str | None = None) -> dict:
     }
 
 
+# ---------------------------------------------------------------------------------------------
+# Vocabulary parallelism (--vocab-parallel)
+
+MODEL_AXIS = "model"
+VOCAB_PRESETS = ("llama", "gemma")
+VOCAB_TOKENS = (8192, 32768)
+MODEL_AXES = (2, 4)
+VOCAB_TINY = Size(tokens_per_device=64, hidden_student=16, hidden_teacher=24, vocab=96, dtype="float32", chunk_size=16)
+
+
+def vocab_sizes(presets, tokens) -> list[tuple[str, Size]]:
+    """(label, size) of each preset's head shapes at each N, bf16 (N is every device's token count)."""
+    return [
+        (
+            f"{name}:{n}",
+            Size(
+                tokens_per_device=n,
+                hidden_student=PRESETS[name].hidden_student,
+                hidden_teacher=PRESETS[name].hidden_teacher,
+                vocab=PRESETS[name].vocab,
+                dtype="bfloat16",
+            ),
+        )
+        for name in presets
+        for n in tokens
+    ]
+
+
+def model_mesh(model: int, devices=None) -> Mesh:
+    """A (1, ``model``) (data, model) mesh over the first ``model`` devices."""
+    devices = jax.devices() if devices is None else devices
+    return Mesh(np.asarray(devices[:model]).reshape(1, model), (AXIS, MODEL_AXIS))
+
+
+def _vocab_shardings(mesh: Mesh) -> tuple:
+    """Shardings of (xs, ws, xt, wt, labels): the tokens replicated, both (H, V) heads split over V."""
+    rows, heads = NamedSharding(mesh, P(AXIS)), NamedSharding(mesh, P(None, MODEL_AXIS))
+    return rows, heads, rows, heads, rows
+
+
+def vocab_step(size: Size, mesh: Mesh):
+    """The jitted vocabulary-parallel step on ``mesh`` (:func:`jaxdistill.training.vocab_parallel_head_loss`)."""
+    config = DistillConfig(**CONFIG, chunk_size=size.chunk_size)
+    head_loss = vocab_parallel_head_loss(mesh, config=config, data_axis=AXIS, model_axis=MODEL_AXIS)
+    shardings = _vocab_shardings(mesh)
+    return jax.jit(
+        head_step(head_loss),
+        in_shardings=shardings,
+        out_shardings=(NamedSharding(mesh, P()), shardings[0], shardings[1]),
+    )
+
+
+def memory_of(compiled) -> dict:
+    """Per-device bytes of a compiled step: arguments, outputs, temporaries, and extra = outputs + temporaries."""
+    stats = compiled.memory_analysis()
+    out = {
+        "argument_bytes": int(stats.argument_size_in_bytes),
+        "output_bytes": int(stats.output_size_in_bytes),
+        "temp_bytes": int(stats.temp_size_in_bytes),
+    }
+    return dict(out, extra_bytes=out["output_bytes"] + out["temp_bytes"])
+
+
+def model_axis_all_reduces(hlo_text: str, mesh: Mesh) -> dict:
+    """The all-reduces over ``mesh``'s model axis: shapes per chunk (in a loop body or branch) and per call."""
+    groups = sorted(sorted(int(d.id) for d in row) for row in mesh.devices)
+    per_chunk, per_call = [], []
+    for all_reduce in all_reduces(hlo_text):
+        if sorted(sorted(g) for g in all_reduce["groups"]) == groups:
+            (per_call if all_reduce["entry"] else per_chunk).extend(all_reduce["shapes"])
+    return {"per_chunk_shapes": sorted(set(per_chunk)), "per_chunk_count": len(per_chunk), "per_call_shapes": per_call}
+
+
+def run_vocab(sizes, model_axes, *, warmup: int, iters: int, sha: str | None = None) -> dict:
+    devices = jax.devices()
+    axes = [m for m in model_axes if m <= len(devices)]
+    rows = []
+    for label, size in sizes:
+        tolerance = 1e-5 if size.dtype == "float32" else 4 * float(jnp.finfo(jnp.dtype(size.dtype)).eps)
+        names = ("student_hidden", "student_weight", "teacher_hidden", "teacher_weight", "labels")
+        # Drawn once, heads split over the largest model axis, then placed for every variant.
+        drawn = make_inputs(
+            problem_of(size, 1),
+            shardings=dict(zip(names, _vocab_shardings(model_mesh(max(axes, default=1))), strict=True)),
+        )
+        args = tuple(drawn.pop(k) for k in names)
+        config = DistillConfig(**CONFIG, chunk_size=size.chunk_size)
+        # (variant, M, step, where the inputs go)
+        variants = [("1-device", 1, jax.jit(head_step(config.head_loss)), devices[0])]
+        for m in axes:
+            mesh = model_mesh(m)
+            variants.append((f"model={m}", m, vocab_step(size, mesh), _vocab_shardings(mesh)))
+        want = None
+        for variant, model, fn, target in variants:
+            placed = jax.device_put(args, target)
+            compiled = fn.lower(*placed).compile()
+            seconds, result = time_calls(lambda c=compiled, a=placed: c(*a), warmup=warmup, iters=iters)
+            got = tuple(np.asarray(jax.device_get(r)).astype(np.float32) for r in result)
+            del result, placed
+            times = percentiles_ms(seconds)
+            text = compiled.as_text()
+            row = {
+                "problem": label,
+                "variant": variant,
+                "model_axis": model,
+                "size": dataclasses.asdict(size),
+                "median_ms": times["median"],
+                "p10_ms": times["p10"],
+                "p90_ms": times["p90"],
+                "loss": float(got[0]),
+                "memory": memory_of(compiled),
+                "collectives": collectives(text),
+            }
+            if want is None:
+                want = got
+            else:
+                row["model_axis_all_reduces"] = model_axis_all_reduces(text, model_mesh(model))
+                diffs = {
+                    "loss": abs(float(got[0]) - float(want[0])) / max(abs(float(want[0])), 1e-30),
+                    "grad_student_hidden": max_rel_diff(got[1], want[1]),
+                    "grad_student_weight": max_rel_diff(got[2], want[2]),
+                }
+                row["max_rel_diff_vs_1_device"] = diffs
+                row["matches_1_device"] = all(d <= tolerance for d in diffs.values())
+                row["tolerance"] = tolerance
+            rows.append(row)
+        del args, want
+    return {
+        "date": common.utc_now(),
+        "git_sha": sha or common.git_sha(),
+        "mode": "vocab-parallel",
+        "config": CONFIG,
+        "implementation": resolve_implementation(None),
+        "num_devices": len(devices),
+        "model_axes": axes,
+        "skipped_model_axes": [m for m in model_axes if m not in axes],
+        "device_kind": devices[0].device_kind,
+        "platform": devices[0].platform,
+        "jax_version": jax.__version__,
+        "jaxlib_version": common.package_version("jaxlib"),
+        "python": platform.python_version(),
+        "warmup": warmup,
+        "iters": iters,
+        "rows": rows,
+    }
+
+
+def vocab_table(result: dict) -> str:
+    head = [
+        "problem",
+        "variant",
+        "median ms",
+        "p10 ms",
+        "p90 ms",
+        "× 1-device",
+        "args MiB/device",
+        "extra MiB/device",
+        "matches 1-dev",
+        "per-chunk all-reduces",
+        "all-gather",
+    ]
+    lines = [" | ".join(head), " | ".join("---" for _ in head)]
+    base = {}
+    for r in result["rows"]:
+        base.setdefault(r["problem"], r["median_ms"])
+        reduces = r.get("model_axis_all_reduces")
+        lines.append(
+            " | ".join(
+                [
+                    r["problem"],
+                    r["variant"],
+                    f"{r['median_ms']:.2f}",
+                    f"{r['p10_ms']:.2f}",
+                    f"{r['p90_ms']:.2f}",
+                    f"{r['median_ms'] / base[r['problem']]:.2f}",
+                    f"{r['memory']['argument_bytes'] / 2**20:.4g}",
+                    f"{r['memory']['extra_bytes'] / 2**20:.4g}",
+                    "—" if "matches_1_device" not in r else ("yes" if r["matches_1_device"] else "NO"),
+                    "—"
+                    if reduces is None
+                    else f"{reduces['per_chunk_count']} × {', '.join(reduces['per_chunk_shapes'])}",
+                    "yes" if "all-gather" in r["collectives"] else "no",
+                ]
+            )
+        )
+    return "\n".join(lines)
+
+
 def table(result: dict) -> str:
     head = [
         "variant",
@@ -361,6 +606,32 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"timed calls per variant, >= {MIN_ITERS} except with --tiny "
         f"(default: {full_timing[1]}, or {tiny_timing[1]} with --tiny)",
     )
+    parser.add_argument(
+        "--vocab-parallel",
+        action="store_true",
+        help="benchmark vocabulary parallelism (heads split over V on (1, M) meshes) instead of data parallelism",
+    )
+    parser.add_argument(
+        "--vocab-presets",
+        nargs="+",
+        choices=sorted(PRESETS),
+        default=list(VOCAB_PRESETS),
+        help="with --vocab-parallel: the presets whose head shapes are benchmarked",
+    )
+    parser.add_argument(
+        "--vocab-tokens",
+        nargs="+",
+        type=int,
+        default=list(VOCAB_TOKENS),
+        help="with --vocab-parallel: N, the tokens every device sees",
+    )
+    parser.add_argument(
+        "--model-axis",
+        nargs="+",
+        type=int,
+        default=list(MODEL_AXES),
+        help="with --vocab-parallel: model axis sizes M (those above the device count are skipped)",
+    )
     add_git_sha_flag(parser)
     return parser
 
@@ -382,8 +653,27 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Size,
     return args, size, warmup, iters
 
 
+def vocab_main(args, warmup: int, iters: int) -> int:
+    sizes = [("tiny", VOCAB_TINY)] if args.tiny else vocab_sizes(args.vocab_presets, args.vocab_tokens)
+    result = run_vocab(sizes, args.model_axis, warmup=warmup, iters=iters, sha=args.git_sha)
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / "multi_gpu_vocab.json"
+    path.write_text(json.dumps(result, indent=2))
+    print(
+        f"{result['num_devices']} × {result['device_kind']} ({result['implementation']}), jax {result['jax_version']}; "
+        f"vocabulary parallel, model axes {result['model_axes']} (skipped: {result['skipped_model_axes']})"
+    )
+    print(vocab_table(result))
+    print(f"wrote {path}")
+    rows = result["rows"]
+    ok = all(r.get("matches_1_device", True) and "all-gather" not in r["collectives"] for r in rows)
+    return 0 if ok else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     args, size, warmup, iters = parse_args(argv)
+    if args.vocab_parallel:
+        return vocab_main(args, warmup, iters)
     result = run(size, warmup=warmup, iters=iters, sha=args.git_sha)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "multi_gpu.json").write_text(json.dumps(result, indent=2))

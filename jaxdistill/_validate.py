@@ -47,7 +47,7 @@ class FlatInputs:
     """Validated inputs with leading dims flattened to N rows.
 
     Attributes:
-      vocab_size: V.
+      vocab_size: V, the global vocabulary (all shards of a sharded one).
       student_hidden: (N, Hs). teacher_hidden: (N, Ht).
       labels: (N,) int32. valid: (N,) bool, ``labels != ignore_index`` AND ``where``.
       beta, temperature: the scalars as given (floats or traced arrays).
@@ -214,8 +214,12 @@ def validate_and_flatten(
     return_aux=False,
     student_weight_layout="hv",
     teacher_weight_layout="hv",
+    vocab_shards: int = 1,
 ) -> FlatInputs:
     """Check shapes, dtypes and options (see :func:`jaxdistill.fused_linear_jsd_loss`).
+
+    With ``vocab_shards`` = M > 1 the weights and biases are one of M equal vocabulary shards
+    (V/M columns each) and the labels are global ids: ``FlatInputs.vocab_size`` is then V.
 
     Raises:
       ValueError, TypeError: with a message naming the offending argument.
@@ -262,6 +266,7 @@ def validate_and_flatten(
     concrete_float(hard_weight, "hard_weight")
 
     n_rows = int(np.prod(lead, dtype=np.int64))
+    vocab_size *= vocab_shards  # the global vocabulary the labels index
     flat_labels, valid = _narrow_labels(labels, n_rows, vocab_size, ignore_index)
     if where is not None:
         valid = valid & jnp.reshape(where, (n_rows,))

@@ -22,7 +22,7 @@ from jax import lax
 
 from jaxdistill import rowmath
 from jaxdistill._validate import concrete_float, validate_and_flatten
-from pallas_kernels import ChunkLogits, RowKernelConfig, distill_rows_pallas
+from pallas_kernels import ChunkLogits, RowKernelConfig, distill_rows_pallas, logits_and_partials_pallas
 
 IMPLEMENTATIONS = ("xla", "pallas")
 # Budget for the two float32 (chunk, V) logits buffers of one chunk; the dlogits and the
@@ -75,13 +75,17 @@ class FusedPlan:
     Attributes:
       chunk_size: rows per chunk (≥ 1); the last chunk is padded and masked.
       implementation: ``"xla"`` or ``"pallas"`` (which logits stage runs; see
-        :mod:`jaxdistill.rowmath`).
+        :mod:`jaxdistill.rowmath`). Over a sharded vocabulary ``"pallas"`` is the fused logits
+        kernel followed by the row stages of the XLA path (the whole-row kernel cannot take
+        all-reduced row statistics).
       divergence: the static divergence branch (:func:`divergence_of`).
       kernel_config: launch config of the Pallas row kernel (None: its default; None for ``"xla"``).
       interpret: run the Pallas kernel in interpret mode (non-GPU backends).
       student_weight_layout, teacher_weight_layout: ``"hv"`` ((H, V) kernel) or ``"vh"``
         ((V, H) table, e.g. a tied embedding), contracted in place without a transpose.
-      vocab_axis_name: mesh axis over which the vocabulary is sharded, or None.
+      vocab_axis_name: mesh axis over which the vocabulary is sharded, or None. The weights
+        and biases are then this device's contiguous V/M-column shard (in axis-index order);
+        the row statistics are all-reduced over the axis, and so is grad_x.
     """
 
     chunk_size: int
@@ -101,7 +105,24 @@ class FusedPlan:
             raise ValueError(f"`chunk_size` must be a positive int, got {self.chunk_size!r}")
 
     def chunk_logits(self, x_s, w_s, b_s, x_t, w_t, b_t, hyper) -> ChunkLogits:
-        """Stage 1 of the XLA path: XLA's float32 logits, relative to their row maxima, and partials."""
+        """Stage 1: the chunk's float32 logits relative to their tile maxima, and the tiles' partials.
+
+        ``"xla"``: XLA's logits, one tile per row. ``"pallas"``: the fused logits kernel
+        (:func:`pallas_kernels.logits_and_partials_pallas`, float32 storage).
+        """
+        if self.implementation == "pallas":
+            return logits_and_partials_pallas(
+                x_s,
+                w_s,
+                b_s,
+                x_t,
+                w_t,
+                b_t,
+                1.0 / hyper.inv_temperature,
+                layouts=(self.student_weight_layout, self.teacher_weight_layout),
+                logits_dtype=jnp.float32,
+                interpret=self.interpret,
+            )
         z_s = _logits(x_s, w_s, b_s, self.student_weight_layout)
         z_t = _logits(x_t, w_t, b_t, self.teacher_weight_layout)
         return rowmath.chunk_logits_xla(z_s, z_t, hyper.inv_temperature)
@@ -112,9 +133,10 @@ class FusedPlan:
         ``"xla"``: the three stages of :mod:`jaxdistill.rowmath`. ``"pallas"``: XLA's logits, then
         the Pallas row kernel, which computes the statistics, losses and dlogits of whole rows in
         its own passes (its β branch is chosen at run time from float32 β, so the exact-β branch
-        choice of ``divergence`` applies to the XLA path).
+        choice of ``divergence`` applies to the XLA path). ``"pallas"`` over a sharded
+        vocabulary: the three stages, stage 1 in the fused logits kernel.
         """
-        if self.implementation == "pallas":
+        if self.implementation == "pallas" and self.vocab_axis_name is None:
             z_s = _logits(x_s, w_s, b_s, self.student_weight_layout)
             z_t = _logits(x_t, w_t, b_t, self.teacher_weight_layout)
             kernel_hyper = jnp.stack(
@@ -234,6 +256,17 @@ def _like_primal(cotangent, primal):
     return cotangent
 
 
+def _tracks_vocab_axis(plan) -> bool:
+    """Whether the vocabulary axis is type-checked: a value can vary over it (its index does).
+
+    True inside ``shard_map(check_vma=True)``. False under ``check_vma=False`` or ``pmap``,
+    where no type varies: there the VJP follows JAX's per-device rule for collectives (see
+    :func:`_fused_sums_bwd`).
+    """
+    name = plan.vocab_axis_name
+    return name is not None and name in _varying_axes(lax.axis_index(name))
+
+
 def _scan_losses_and_grads(plan, x_s, w_s, b_s, x_t, w_t, b_t, labels, hyper, *, with_grads=True):
     """Σ losses over valid rows and the gradients of scale·Σ_rows ℓ, chunk by chunk.
 
@@ -247,7 +280,10 @@ def _scan_losses_and_grads(plan, x_s, w_s, b_s, x_t, w_t, b_t, labels, hyper, *,
     Returns:
       (soft_sum, hard_sum) float32 scalars, then, with gradients, grad_x (N, Hs) float32 (one
       rounding to the activation dtype happens after the cotangent scaling), grad_W float32
-      in w_s's layout, grad_b (V,) float32 or None; without, three Nones.
+      in w_s's layout, grad_b (V,) float32 or None; without, three Nones. Over a sharded
+      vocabulary V is the local shard's width, and grad_x is the psum over the vocabulary
+      axis of every shard's dZ·Wᵀ when that axis is type-checked (:func:`_tracks_vocab_axis`),
+      this shard's part otherwise.
     """
     n_rows, hidden_s = x_s.shape
     chunk = max(1, min(plan.chunk_size, n_rows))
@@ -280,14 +316,22 @@ def _scan_losses_and_grads(plan, x_s, w_s, b_s, x_t, w_t, b_t, labels, hyper, *,
             jnp.zeros(w_s.shape, jnp.float32),
             None if b_s is None else jnp.zeros(b_s.shape, jnp.float32),
         )
-    axes = _varying_axes(x_s, w_s, b_s, x_t, w_t, b_t, labels, hyper)
-    if axes:  # inside shard_map(check_vma=True) the carry varies like the chunk results do
-        init = jax.tree.map(lambda z: lax.pcast(z, axes, to="varying"), init)
+    # Inside shard_map(check_vma=True) the carry varies like the chunk results do: the loss sums
+    # like the inputs but not over the vocabulary axis (their rows come from statistics
+    # all-reduced over it), the gradient accumulators like the inputs and over the vocabulary
+    # axis (a shard's dlogits vary over it through its one-hot columns, whatever the weights).
+    input_axes = set(_varying_axes(x_s, w_s, b_s, x_t, w_t, b_t, labels, hyper))
+    sum_axes = tuple(sorted(input_axes - {plan.vocab_axis_name}))
+    grad_axes = tuple(sorted(input_axes | ({plan.vocab_axis_name} if _tracks_vocab_axis(plan) else set())))
+    init = tuple(
+        z if z is None or not axes else lax.pcast(z, axes, to="varying")
+        for z, axes in zip(init, (sum_axes, sum_axes, grad_axes, grad_axes), strict=True)
+    )
     (soft_sum, hard_sum, grad_w, grad_b), grad_x = lax.scan(body, init, xs)
     if not with_grads:
         return soft_sum, hard_sum, None, None, None
     grad_x = grad_x.reshape(-1, hidden_s)[:n_rows]
-    if plan.vocab_axis_name is not None:  # each vocabulary shard holds its part of dZ·Wᵀ
+    if _tracks_vocab_axis(plan):  # each vocabulary shard holds its part of dZ·Wᵀ
         grad_x = lax.psum(grad_x, plan.vocab_axis_name)
     return soft_sum, hard_sum, grad_x, grad_w, grad_b
 
@@ -318,9 +362,15 @@ def _fused_sums_fwd(plan, x_s, w_s, b_s, x_t, w_t, b_t, labels, hyper):
 
 
 def _fused_sums_bwd(plan, residuals, cotangents):
-    del plan
     grad_x, grad_w, grad_b, soft_sum, hard_sum, x_s, w_s, b_s, hyper = residuals
     g = cotangents[0]  # the soft/hard outputs are stop_gradient-ed by the caller
+    g_student = g
+    if plan.vocab_axis_name is not None and not _tracks_vocab_axis(plan):
+        # Untyped axes (check_vma=False, pmap): every shard's output depends on every shard's
+        # inputs through the all-reduced statistics, so the transpose sums the cotangents over
+        # the axis (as JAX transposes a psum there); grad_x stays this shard's part, which
+        # shard_map's transpose sums over the axis the hidden states are replicated on.
+        g_student = lax.psum(g, plan.vocab_axis_name)
     nan = jnp.full((), jnp.nan, jnp.float32)
     # d/d(soft_weight) and d/d(hard_weight) are exact; β and T are not differentiable (NaN);
     # the scale is a function of the labels (no gradient).
@@ -333,9 +383,9 @@ def _fused_sums_bwd(plan, residuals, cotangents):
         scale=jnp.zeros((), jnp.float32),
     )
     return (
-        _like_primal((g * grad_x).astype(x_s.dtype), x_s),
-        _like_primal((g * grad_w).astype(w_s.dtype), w_s),
-        None if grad_b is None else _like_primal((g * grad_b).astype(b_s.dtype), b_s),
+        _like_primal((g_student * grad_x).astype(x_s.dtype), x_s),
+        _like_primal((g_student * grad_w).astype(w_s.dtype), w_s),
+        None if grad_b is None else _like_primal((g_student * grad_b).astype(b_s.dtype), b_s),
         None,  # the teacher and the labels get zero cotangents
         None,
         None,
@@ -365,6 +415,7 @@ def fused_linear_jsd_loss(
     reduction="mean",
     chunk_size=None,
     axis_name=None,
+    vocab_axis_name=None,
     implementation=None,
     kernel_config=None,
     student_weight_layout="hv",
@@ -408,10 +459,27 @@ def fused_linear_jsd_loss(
         valid-token count summed over that axis, and the function returns this device's share
         Σ_local ℓ / N_global: the ``psum`` of the returned values (and of their gradients) is
         the global mean (and its gradient).
+      vocab_axis_name: inside ``shard_map``, the mesh axis over which the vocabulary is
+        sharded (M devices). Each device then passes its contiguous shard of both heads, in
+        axis-index order: weights (H, V/M) (or (V/M, H) for "vh") and biases (V/M,); the
+        hidden states and labels are the same on every device of the axis, and the labels are
+        global ids in [0, V). The loss is the full-vocabulary loss of those rows, on every
+        device of the axis; the weight and bias gradients are this shard's slice of the full
+        ones; only per-row scalars are all-reduced per chunk, and grad_x once. Under
+        ``check_vma=True`` the hidden-state gradient is complete (all-reduced inside the VJP)
+        and invariant over the axis. Under ``check_vma=False`` (or ``pmap``) gradients follow
+        JAX's per-device rule for collectives: take them through the ``shard_map`` from
+        outside, whose transpose sums grad_x over the axis. Combines with ``axis_name``
+        (a 2-D (data, model) mesh). A vocabulary that M does not divide must be padded by the
+        caller: zero weight columns whose bias is −inf, on both heads, take no probability and
+        get zero gradient (:mod:`jaxdistill.training` checks the divisibility).
       implementation: None (Pallas kernel on GPU, XLA elsewhere), ``"xla"`` or ``"pallas"``
         (on a non-GPU backend the kernel runs in interpret mode: slow, for tests).
+        With ``vocab_axis_name``, ``"pallas"`` runs the fused logits kernel and then the XLA
+        path's row stages.
       kernel_config: optional :class:`pallas_kernels.RowKernelConfig` for ``"pallas"``;
-        None → :func:`pallas_kernels.default_row_kernel_config`.
+        None → :func:`pallas_kernels.default_row_kernel_config`. Not with ``vocab_axis_name``
+        (the row kernel does not run there).
       student_weight_layout, teacher_weight_layout: ``"hv"`` (default; (H, V), the
         ``nnx.Linear``/``nn.Dense`` kernel) or ``"vh"`` ((V, H): the ``nnx.Embed`` table of a
         tied head, or a PyTorch ``Linear`` weight). A "vh" weight is contracted in place: no
@@ -427,7 +495,8 @@ def fused_linear_jsd_loss(
 
     Raises:
       ValueError, TypeError: at trace time, for bad shapes, dtypes or options; the message
-        names the argument.
+        names the argument (``vocab_axis_name`` not a string, not a mapped axis here, or equal
+        to ``axis_name``).
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -441,6 +510,7 @@ def fused_linear_jsd_loss(
       >>> grads[1].shape
       (16, 100)
     """
+    vocab_shards = vocab_shard_count(vocab_axis_name, axis_name)
     a = validate_and_flatten(
         student_hidden,
         student_weight,
@@ -459,14 +529,20 @@ def fused_linear_jsd_loss(
         return_aux=return_aux,
         student_weight_layout=student_weight_layout,
         teacher_weight_layout=teacher_weight_layout,
+        vocab_shards=vocab_shards,
     )
     implementation = resolve_implementation(implementation)
-    vocab = a.vocab_size
+    vocab = a.vocab_size  # global: the labels index all shards
     if chunk_size is None:
-        chunk_size = default_chunk_size(vocab)
+        chunk_size = default_chunk_size(vocab)  # so the chunk's logits per device shrink as 1/M too
     if implementation == "pallas":
         if kernel_config is not None and not isinstance(kernel_config, RowKernelConfig):
             raise TypeError(f"`kernel_config` must be a RowKernelConfig, got {type(kernel_config).__name__}")
+        if kernel_config is not None and vocab_axis_name is not None:
+            raise ValueError(
+                "`kernel_config` configures the row kernel, which does not run with `vocab_axis_name` "
+                "(the fused logits kernel and the row stages of the XLA path do)"
+            )
     elif kernel_config is not None:
         raise ValueError("`kernel_config` applies only to implementation='pallas'")
     plan = FusedPlan(
@@ -477,6 +553,7 @@ def fused_linear_jsd_loss(
         interpret=jax.default_backend() != "gpu",
         student_weight_layout=student_weight_layout,
         teacher_weight_layout=teacher_weight_layout,
+        vocab_axis_name=vocab_axis_name,
     )
 
     # Rows the kernel sees: a label in [0, V) for valid rows, −1 for ignored ones.
@@ -497,6 +574,31 @@ def fused_linear_jsd_loss(
     return a.reduce(
         total, soft_sum, hard_sum, reduction=reduction, axis_name=axis_name, return_aux=return_aux, prescaled=True
     )
+
+
+def vocab_shard_count(vocab_axis_name, axis_name=None) -> int:
+    """M, the size of the mesh axis ``vocab_axis_name`` (1 for None), checked at trace time.
+
+    Raises:
+      TypeError: ``vocab_axis_name`` is neither None nor a string.
+      ValueError: it is not a mapped axis where the loss is called, or it equals ``axis_name``.
+    """
+    if vocab_axis_name is None:
+        return 1
+    if not isinstance(vocab_axis_name, str):
+        raise TypeError(f"`vocab_axis_name` must be None or a mesh axis name (str), got {vocab_axis_name!r}")
+    if vocab_axis_name == axis_name:
+        raise ValueError(
+            f"`vocab_axis_name` and `axis_name` must differ (the vocabulary and the tokens are split over "
+            f"different mesh axes), got {vocab_axis_name!r} for both"
+        )
+    try:
+        return lax.axis_size(vocab_axis_name)
+    except NameError:
+        raise ValueError(
+            f"`vocab_axis_name` {vocab_axis_name!r} is not a mapped axis here: call the loss inside "
+            f"jax.shard_map over a mesh with that axis"
+        ) from None
 
 
 def _hyper(beta, temperature, soft_weight, hard_weight, scale) -> rowmath.Hyper:

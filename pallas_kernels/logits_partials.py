@@ -296,11 +296,16 @@ def _launch_head(x, w, b, teacher_d, temperature, *, layout, logits_dtype, confi
 
     n_stats = 2 if teacher_d is None else 5
     inv_t = (1.0 / jnp.asarray(temperature, jnp.float32)).reshape(1)
+    # Inside shard_map(check_vma=True) the outputs vary over the mesh axes any operand varies
+    # over (an operand's shard differs per device, so the tile it produces does too).
+    varying = frozenset().union(
+        *(jax.typeof(op).manual_axis_type.varying for op in (inv_t, *operands) if op is not None)
+    )
+    out = functools.partial(jax.ShapeDtypeStruct, manual_axis_type=jax.sharding.ManualAxisType(varying=varying))
     return pl.pallas_call(
         kernel_with_optional,
         grid=(n_row_blocks * n_tiles,),
-        out_shape=[jax.ShapeDtypeStruct((rows, vocab), logits_dtype)]
-        + [jax.ShapeDtypeStruct((n_tiles, rows), jnp.float32)] * n_stats,
+        out_shape=[out((rows, vocab), logits_dtype)] + [out((n_tiles, rows), jnp.float32)] * n_stats,
         compiler_params=plgpu.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages),
         interpret=interpret,
         name=name,

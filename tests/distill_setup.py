@@ -29,15 +29,18 @@ TEACHER = dict(vocab_size=VOCAB, d_model=24, n_layers=1, n_heads=2, d_ff=48, max
 CONFIG = DistillConfig(beta=0.3, temperature=2.0, soft_weight=1.0, hard_weight=0.5, chunk_size=4)
 
 
-def make_models(*, tie_student=True, student_bias=True, tie_teacher=False, teacher_bias=False, tx=None, seed=0):
+def make_models(
+    *, tie_student=True, student_bias=True, tie_teacher=False, teacher_bias=False, tx=None, seed=0, vocab=VOCAB
+):
     """(student, teacher, optimizer): a 2-layer d=16 student, a 1-layer d=24 teacher, an nnx.Optimizer."""
     tx = optax.sgd(1.0) if tx is None else tx
 
     @nnx.jit
     def create():
         rngs = nnx.Rngs(seed)
-        student = TransformerLM(**STUDENT, tie_embeddings=tie_student, head_bias=student_bias, rngs=rngs)
-        teacher = TransformerLM(**TEACHER, tie_embeddings=tie_teacher, head_bias=teacher_bias, rngs=rngs)
+        sizes = dict(vocab_size=vocab)
+        student = TransformerLM(**STUDENT | sizes, tie_embeddings=tie_student, head_bias=student_bias, rngs=rngs)
+        teacher = TransformerLM(**TEACHER | sizes, tie_embeddings=tie_teacher, head_bias=teacher_bias, rngs=rngs)
         if student_bias:  # a non-zero bias, so its gradient path is exercised at non-trivial values
             bias = student.head_bias if tie_student else student.head.bias
             bias[...] = 0.1 * jax.random.normal(rngs.params(), bias.shape)
@@ -46,15 +49,15 @@ def make_models(*, tie_student=True, student_bias=True, tie_teacher=False, teach
     return create()
 
 
-def make_batch(batch_size=8, *, seed=0, ignore_index=-100):
+def make_batch(batch_size=8, *, seed=0, ignore_index=-100, vocab=VOCAB):
     """{"inputs", "labels"} int32 (batch_size, SEQ_LEN) numpy arrays.
 
     Split over 4 devices (2 rows each) the devices hold 6, 9, 14 and 16 valid tokens (and
     over 2 processes 15 and 30), so a per-device mean would differ from the global one.
     """
     rng = np.random.default_rng(seed)
-    inputs = rng.integers(0, VOCAB, (batch_size, SEQ_LEN), dtype=np.int32)
-    labels = np.concatenate([inputs[:, 1:], rng.integers(0, VOCAB, (batch_size, 1), dtype=np.int32)], axis=1)
+    inputs = rng.integers(0, vocab, (batch_size, SEQ_LEN), dtype=np.int32)
+    labels = np.concatenate([inputs[:, 1:], rng.integers(0, vocab, (batch_size, 1), dtype=np.int32)], axis=1)
     valid = np.ones((batch_size, SEQ_LEN), bool)
     if batch_size == 8:
         valid[0, 3:] = False  # rows 0-1: 3 + 3 valid

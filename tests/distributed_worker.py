@@ -5,20 +5,28 @@ sharded-jit variants of the distillation loss-and-gradients and of one training 
 same on one device over the whole batch; prints one JSON line with the largest differences,
 the valid-token counts and the collectives in each compiled HLO.
 
+``python tests/distributed_worker.py vocab``: on 8 local devices, trains the student for
+``VOCAB_STEPS`` steps with the data- and vocabulary-parallel step on a 2 × 4 and a 1 × 8
+(data, model) mesh and with the single-device step; prints the loss curves, the final
+parameters' largest difference, the head shardings and the compiled step's collectives.
+
 ``python tests/distributed_worker.py process --process-id I --num-processes P --port N``: one
 process of a ``jax.distributed`` job on localhost (CPU collectives); runs the sharded-jit
-training step on the global mesh and compares it with this process's single-device step over
-the whole batch; prints one JSON line.
+training step on the global mesh, then the vocabulary-parallel step on a (processes × local
+devices) mesh, and compares each with this process's single-device step over the whole batch;
+prints one JSON line.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 
 import jax
 import numpy as np
+import optax
 from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -94,6 +102,85 @@ def run_devices() -> dict:
     return report
 
 
+VOCAB_STEPS = 50
+VOCAB_PARALLEL = 96  # a multiple of the model axis sizes 1, 2, 4 and 8
+# Student tied with a bias, teacher untied with a bias: every kind of head parameter is split.
+VOCAB_HEADS = dict(tie_student=True, student_bias=True, tie_teacher=False, teacher_bias=True, vocab=VOCAB_PARALLEL)
+
+
+def vocab_batches(steps: int) -> list[dict]:
+    from distill_setup import make_batch
+
+    return [make_batch(8, seed=i, vocab=VOCAB_PARALLEL) for i in range(steps)]
+
+
+def train(step, state, batches) -> tuple[object, list[float]]:
+    losses = []
+    for batch in batches:
+        state, metrics = step(state, batch)
+        losses.append(float(np.asarray(metrics["loss"]).reshape(-1)[0]))
+    return state, losses
+
+
+def head_layout(state, shardings) -> dict:
+    """The specs and per-device shapes of the student's tied embedding, the teacher's head and one Adam moment."""
+    student, teacher, optimizer = state[0], state[1], state[2]
+    leaves = {
+        "student_embedding": (student["embed"]["embedding"], shardings[0]["embed"]["embedding"]),
+        "student_head_bias": (student["head_bias"], shardings[0]["head_bias"]),
+        "teacher_kernel": (teacher["head"]["kernel"], shardings[1]["head"]["kernel"]),
+        "teacher_bias": (teacher["head"]["bias"], shardings[1]["head"]["bias"]),
+        "adam_mu_embedding": (
+            optimizer["opt_state"][0]["mu"]["embed"]["embedding"],
+            shardings[2]["opt_state"][0]["mu"]["embed"]["embedding"],
+        ),
+        "position_embedding": (student["position"]["embedding"], shardings[0]["position"]["embedding"]),
+    }
+    return {
+        name: {
+            "spec": [None if a is None else str(a) for a in sharding.get_value().spec],
+            "shard_shape": list(leaf.get_value().addressable_shards[0].data.shape),
+        }
+        for name, (leaf, sharding) in leaves.items()
+    }
+
+
+def run_vocab_devices() -> dict:
+    from distill_setup import CONFIG, make_models
+
+    from jaxdistill import training
+
+    student, teacher, optimizer = make_models(**VOCAB_HEADS, tx=optax.adam(1e-2))
+    graphdef, state = nnx.split((student, teacher, optimizer))
+    batches = vocab_batches(VOCAB_STEPS)
+    ref_state, ref_losses = train(
+        jax.jit(functools.partial(training.functional_train_step, graphdef, config=CONFIG)), state, batches
+    )
+    report = {"num_devices": jax.device_count(), "steps": VOCAB_STEPS, "reference_losses": ref_losses}
+    for data, model in ((2, 4), (1, 8)):
+        mesh = training.vocab_mesh(data, model)
+        shardings = training.vocab_parallel_shardings(graphdef, state, mesh)
+        step = training.make_vocab_parallel_step(graphdef, state, mesh, config=CONFIG)
+        placed = jax.device_put(state, shardings)
+        compiled = step.lower(placed, batches[0]).compile()
+        new_state, losses = train(compiled, placed, batches)
+        report[f"{data}x{model}"] = {
+            "losses": losses,
+            "state_max_rel_diff": max_rel_diff(new_state, ref_state),
+            "heads": head_layout(new_state, shardings),
+            "collectives": collectives(compiled.as_text()),
+        }
+    # The Pallas path (fused logits kernel, interpret mode) through the same builder, a few steps.
+    pallas = dataclasses.replace(CONFIG, implementation="pallas")
+    mesh = training.vocab_mesh(2, 4)
+    step = training.make_vocab_parallel_step(graphdef, state, mesh, config=pallas)
+    _, losses = train(
+        step, jax.device_put(state, training.vocab_parallel_shardings(graphdef, state, mesh)), batches[:2]
+    )
+    report["2x4-pallas"] = {"losses": losses}
+    return report
+
+
 def run_process(process_id: int, num_processes: int, port: int) -> dict:
     jax.distributed.initialize(
         coordinator_address=f"localhost:{port}",
@@ -136,15 +223,77 @@ def run_process(process_id: int, num_processes: int, port: int) -> dict:
         "reference": scalar_metrics(ref_metrics),
         "state_max_rel_diff": max_rel_diff(local(new_state), ref_state),
         "collectives": collectives(step.as_text()),
+        "vocab": run_process_vocab(num_processes),
     }
     jax.distributed.shutdown()
     return report
+
+
+def place(host_tree, shardings):
+    """Global arrays from host copies present in every process, each device taking its part."""
+    return jax.tree.map(
+        lambda x, s: jax.make_array_from_callback(np.shape(x), s, lambda index: np.asarray(x)[index]),
+        host_tree,
+        shardings,
+    )
+
+
+def local_copy(tree):
+    """Host copies of global arrays whose every part is on this process's devices (replicated over processes)."""
+
+    def gather(x):
+        out = np.empty(x.shape, x.dtype)
+        for shard in x.addressable_shards:
+            out[shard.index] = np.asarray(shard.data)
+        return out
+
+    return jax.tree.map(gather, tree)
+
+
+def run_process_vocab(num_processes: int, steps: int = 3) -> dict:
+    """The vocabulary-parallel step on a (processes × local devices) mesh: the data axis across
+    processes, the model axis within each, against this process's single-device steps."""
+    from distill_setup import CONFIG, make_models
+
+    from jaxdistill import training
+
+    student, teacher, optimizer = make_models(**VOCAB_HEADS, tx=optax.adam(1e-2))
+    graphdef, state = nnx.split((student, teacher, optimizer))
+    state = jax.device_get(state)
+    batches = vocab_batches(steps)
+    with jax.default_device(jax.local_devices()[0]):
+        ref_state, ref_losses = train(
+            jax.jit(functools.partial(training.functional_train_step, graphdef, config=CONFIG)), state, batches
+        )
+    mesh = training.vocab_mesh(num_processes, jax.local_device_count())
+    shardings = training.vocab_parallel_shardings(graphdef, state, mesh)
+    batch_sharding = NamedSharding(mesh, P("data"))
+    rows = len(batches[0]["inputs"]) // num_processes
+    index = jax.process_index()
+    local_batches = [
+        jax.tree.map(
+            lambda x: jax.make_array_from_process_local_data(batch_sharding, x[index * rows : (index + 1) * rows]), b
+        )
+        for b in batches
+    ]
+    step = training.make_vocab_parallel_step(graphdef, state, mesh, config=CONFIG)
+    placed = place(state, shardings)
+    compiled = step.lower(placed, local_batches[0]).compile()
+    new_state, losses = train(compiled, placed, local_batches)
+    return {
+        "mesh": dict(mesh.shape),
+        "losses": losses,
+        "reference_losses": ref_losses,
+        "state_max_rel_diff": max_rel_diff(local_copy(new_state), ref_state),
+        "collectives": collectives(compiled.as_text()),
+    }
 
 
 def main():
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers(dest="mode", required=True)
     sub.add_parser("devices")
+    sub.add_parser("vocab")
     proc = sub.add_parser("process")
     proc.add_argument("--process-id", type=int, required=True)
     proc.add_argument("--num-processes", type=int, required=True)
@@ -152,6 +301,8 @@ def main():
     args = parser.parse_args()
     if args.mode == "devices":
         report = run_devices()
+    elif args.mode == "vocab":
+        report = run_vocab_devices()
     else:
         report = run_process(args.process_id, args.num_processes, args.port)
     print(json.dumps(report))

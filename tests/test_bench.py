@@ -420,6 +420,63 @@ def test_multi_gpu_draws_with_the_suite_generator():
     assert got["student_weight"].sharding.spec == jax.sharding.PartitionSpec()
 
 
+def test_multi_gpu_vocab_parallel_defaults_are_the_issue_grid():
+    """--vocab-parallel: llama and gemma head shapes, N = 8192 and 32768, bf16, model axes 2 and 4."""
+    args, *_ = multi_gpu.parse_args(["--out", "x", "--vocab-parallel"])
+    assert args.vocab_parallel and args.model_axis == [2, 4]
+    sizes = dict(multi_gpu.vocab_sizes(args.vocab_presets, args.vocab_tokens))
+    assert list(sizes) == ["llama:8192", "llama:32768", "gemma:8192", "gemma:32768"]
+    for label, size in sizes.items():
+        preset = PRESETS[label.split(":")[0]]
+        assert (size.hidden_student, size.hidden_teacher, size.vocab) == (
+            preset.hidden_student,
+            preset.hidden_teacher,
+            preset.vocab,
+        )
+        assert size.dtype == "bfloat16" and size.tokens_per_device == int(label.split(":")[1])
+        assert all(size.vocab % m == 0 for m in args.model_axis)
+
+
+def test_multi_gpu_vocab_parallel_runs_on_one_device(tmp_path):
+    """The mode end to end on this process's one CPU device (model axis 1; model axes that do
+    not fit are skipped and recorded); tests/test_vocab_parallel.py runs it on 8 devices."""
+    argv = ["--vocab-parallel", "--tiny", "--model-axis", "1", "64", "--out", str(tmp_path), "--iters", "2"]
+    assert multi_gpu.main([*argv, "--warmup", "0"]) == 0
+    result = json.loads((tmp_path / "multi_gpu_vocab.json").read_text())
+    assert (result["model_axes"], result["skipped_model_axes"]) == ([1], [64])
+    one, sharded = result["rows"]
+    assert (one["variant"], sharded["variant"]) == ("1-device", "model=1")
+    assert sharded["matches_1_device"] and sharded["loss"] == pytest.approx(one["loss"], rel=1e-6)
+    for row in (one, sharded):
+        assert set(row["memory"]) == {"argument_bytes", "output_bytes", "temp_bytes", "extra_bytes"}
+        assert row["memory"]["extra_bytes"] == row["memory"]["output_bytes"] + row["memory"]["temp_bytes"]
+
+
+def test_all_reduces_reads_shapes_groups_and_place():
+    """Both HLO notations of device groups, combined all-reduces, async starts, entry vs loop body."""
+    hlo = "\n".join(
+        [
+            "%body.1 (p: (s32[], f32[4])) -> (s32[], f32[4]) {",
+            "  %ar = (f32[16]{0}, f32[16]{0}) all-reduce(%a, %b), channel_id=1, "
+            "replica_groups={{0,1,2,3},{4,5,6,7}}, use_global_device_ids=true, to_apply=%add",
+            "}",
+            "ENTRY %main.2 (x: f32[12,16]) -> f32[12,16] {",
+            "  %ars = f32[12,16]{1,0} all-reduce-start(%x), channel_id=2, replica_groups=[4,2]<=[2,4]T(1,0), "
+            "to_apply=%add",
+            "  %ard = f32[12,16]{1,0} all-reduce-done(%ars)",
+            "  ROOT %s = s32[] all-reduce(%c), replica_groups=[2,4]<=[8], to_apply=%add",
+            "}",
+        ]
+    )
+    assert multi_gpu.all_reduces(hlo) == [
+        {"shapes": ["f32[16]", "f32[16]"], "groups": [[0, 1, 2, 3], [4, 5, 6, 7]], "entry": False},
+        {"shapes": ["f32[12,16]"], "groups": [[0, 4], [1, 5], [2, 6], [3, 7]], "entry": True},
+        {"shapes": ["s32[]"], "groups": [[0, 1, 2, 3], [4, 5, 6, 7]], "entry": True},
+    ]
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1), ("data", "model"))
+    assert multi_gpu.model_axis_all_reduces(hlo, mesh)["per_chunk_count"] == 0
+
+
 # ---------------------------------------------------------------------------------------------
 # The float32 oracle: once per problem
 

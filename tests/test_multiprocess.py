@@ -4,7 +4,9 @@ Two interpreters (``distributed_worker.py process``), each with 2 simulated CPU 
 one ``jax.distributed`` job (coordinator on a free localhost port; CPU collectives through
 gloo) and run :func:`jaxdistill.training.make_sharded_jit_step` on the global 4-device mesh,
 each process feeding its own half of the batch (15 and 30 valid tokens). Each compares the
-result with its own single-device step over the whole batch.
+result with its own single-device step over the whole batch. Then the same for
+:func:`jaxdistill.training.make_vocab_parallel_step` on a 2 × 2 (data, model) mesh: the data axis
+across the processes, each process's two devices holding half of every LM head.
 """
 
 import socket
@@ -72,4 +74,14 @@ def test_sharded_step_equals_single_device(reports, process):
     for key in ("loss", "soft_loss", "hard_loss"):
         assert report["metrics"][key] == pytest.approx(report["reference"][key], rel=1e-6, abs=1e-7), key
     assert report["state_max_rel_diff"] < 1e-6
+    assert report["collectives"] == ["all-reduce"]
+
+
+@pytest.mark.parametrize("process", range(NUM_PROCESSES), ids=lambda i: f"process{i}")
+def test_vocab_parallel_step_equals_single_device(reports, process):
+    """Three steps of the 2-D (data, model) step across the two processes equal the single-device steps."""
+    report = reports[process]["vocab"]
+    assert report["mesh"] == {"data": NUM_PROCESSES, "model": 2}
+    assert report["losses"] == pytest.approx(report["reference_losses"], rel=1e-6)
+    assert report["state_max_rel_diff"] < 1e-5
     assert report["collectives"] == ["all-reduce"]
