@@ -66,6 +66,14 @@ class FlatInputs:
         out_of_range = (self.labels < 0) | (self.labels >= self.vocab_size)
         return jnp.any(self.valid & out_of_range)
 
+    def row_labels(self) -> jax.Array:
+        """(N,) int32 labels as the row math reads them: in [0, V) for valid rows, −1 for ignored ones.
+
+        A valid label outside [0, V) is clipped into it so that nothing reads out of bounds; the
+        loss is NaN for it anyway (:meth:`any_bad_label`).
+        """
+        return jnp.where(self.valid, jnp.clip(self.labels, 0, self.vocab_size - 1), -1)
+
     def count_and_denominator(self, *, reduction, axis_name):
         """(valid-token count, psum-ed over ``axis_name`` when given; the float32 reduction divisor).
 

@@ -132,26 +132,18 @@ class FusedPlan:
 
         ``"xla"``: the three stages of :mod:`jaxdistill.rowmath`. ``"pallas"``: XLA's logits, then
         the Pallas row kernel, which computes the statistics, losses and dlogits of whole rows in
-        its own passes (its β branch is chosen at run time from float32 β, so the exact-β branch
-        choice of ``divergence`` applies to the XLA path). ``"pallas"`` over a sharded
+        its own passes (given the exact 1 − β and the branch of ``divergence``, so both paths decide
+        the β branch from the exact β). ``"pallas"`` over a sharded
         vocabulary: the three stages, stage 1 in the fused logits kernel.
         """
         if self.implementation == "pallas" and self.vocab_axis_name is None:
             z_s = _logits(x_s, w_s, b_s, self.student_weight_layout)
             z_t = _logits(x_t, w_t, b_t, self.teacher_weight_layout)
-            kernel_hyper = jnp.stack(
-                [
-                    hyper.beta,
-                    1.0 / hyper.inv_temperature,
-                    hyper.scale * hyper.soft_weight,
-                    hyper.scale * hyper.hard_weight,
-                ]
-            )
-            soft_rows, hard_rows, dlogits = distill_rows_pallas(
+            soft_rows, hard_rows, dlogits = _row_kernel(
                 z_s,
                 z_t,
                 labels,
-                kernel_hyper,
+                rowmath.kernel_hyper(hyper, self.divergence),
                 dlogits_dtype=x_s.dtype,
                 config=self.kernel_config,
                 interpret=self.interpret,
@@ -198,6 +190,22 @@ def _logits(hidden, weight, bias, layout):
     """(C, H) · weight (+ (V,)) → (C, V) float32, weight (H, V) or (V, H) by ``layout``."""
     z = _contract(hidden, weight, 1, hidden_dim(layout))
     return z if bias is None else z + bias.astype(jnp.float32)
+
+
+def _row_kernel(z_s, z_t, labels, kernel_hyper, *, dlogits_dtype, config, interpret):
+    """:func:`pallas_kernels.distill_rows_pallas`, with a clear error for second derivatives.
+
+    First derivatives come from the custom VJP's forward pass, which runs the kernel on primal
+    values; grad-of-grad or ``jax.hessian`` would differentiate the kernel itself (unsupported).
+    """
+    launch = functools.partial(distill_rows_pallas, dlogits_dtype=dlogits_dtype, config=config, interpret=interpret)
+    kernel = jax.custom_jvp(launch)
+
+    @kernel.defjvp
+    def _(primals, tangents):
+        raise NotImplementedError("second derivatives are not supported on the Pallas path; use implementation='xla'")
+
+    return kernel(z_s, z_t, labels, kernel_hyper)
 
 
 def _label_logits(x_s, w_s, b_s, labels, layout, vocab_start, vocab_axis_name):
@@ -492,8 +500,12 @@ def fused_linear_jsd_loss(
       The float32 scalar loss, or ``(loss, aux)`` when ``return_aux``. Gradients w.r.t.
       ``soft_weight``/``hard_weight`` are exact; w.r.t. ``beta``/``temperature`` they are NaN
       (not implemented). A traced β outside [0, 1] or T not finite and > 0 gives a NaN loss.
+      Second derivatives (grad of grad, ``jax.hessian``) w.r.t. the student arguments are exact
+      on the XLA path; the Pallas path computes first derivatives only.
 
     Raises:
+      NotImplementedError: when differentiated twice with ``implementation="pallas"`` (use
+        ``"xla"`` for second derivatives).
       ValueError, TypeError: at trace time, for bad shapes, dtypes or options; the message
         names the argument (``vocab_axis_name`` not a string, not a mapped axis here, or equal
         to ``axis_name``).
@@ -557,7 +569,7 @@ def fused_linear_jsd_loss(
     )
 
     # Rows the kernel sees: a label in [0, V) for valid rows, −1 for ignored ones.
-    kernel_labels = jnp.where(a.valid, jnp.clip(a.labels, 0, vocab - 1), -1)
+    kernel_labels = a.row_labels()
     _, denominator = a.count_and_denominator(reduction=reduction, axis_name=axis_name)
     hyper = _hyper(beta, temperature, soft_weight, hard_weight, 1.0 / denominator)
     total, soft_sum, hard_sum = _fused_sums(

@@ -24,6 +24,27 @@ M = βP + (1−β)Q, a valid row r gets
 with ∂/∂s' = Q − P (β = 0), Q ⊙ (log Q − log P − KL(Q‖P)) (β = 1), and
 Q ⊙ (a − Σ Q a), a = (1−β)(log Q − log M) (interior). Rows with a negative label are ignored
 (zeros everywhere).
+
+Numerics (the same forms as the Pallas row kernel, :mod:`pallas_kernels.distill_rows`, whose
+per-column mixture math this module calls):
+
+* JSD_β is summed as per-column terms Q·g(P/Q − 1) ≥ 0 (:func:`pallas_kernels.distill_rows.
+  mixture_columns`), never as log Q − log M, which cancels as β → 0 or 1: float32 accuracy at
+  every β, including β that rounds to 0 or 1 in float32 (``Hyper.one_minus_beta`` is exact, and
+  the branch is chosen from the exact β).
+* The gradient's row sum Σ Q a is taken about a pivot, the student's arg-max column (shift
+  invariance: Q ⊙ (a − Σ Q a) = Q ⊙ ((a − a_pivot) − Σ Q (a − a_pivot))), so a row whose student
+  is near one-hot does not subtract two numbers of the size of KL (a teacher logit gap of 3e4 at
+  T = 0.05 makes KL ≈ 6e5). What remains is the float32 storage of the logits relative to their
+  row maxima (stage 1): each z − max is rounded by up to ε·|z − max|, so on the XLA path the
+  reverse-KL dlogits of a row carry an absolute error of at most about
+  ε·(max z_t − min z_t)/T · soft_weight/T · (1 − max_j Q_j) (pinned by tests/test_numerics.py),
+  which vanishes as the student becomes one-hot. The Pallas row kernel reads the raw logits and
+  has no such term.
+* −inf logits (masked columns, in one or both heads) are probability 0: the result equals the
+  loss and gradients on the vocabulary without them; a true +∞ (P > 0 where Q = 0 at β = 0) stays
+  +∞. Every 0·(non-finite) is guarded on both sides of a ``where``, so second derivatives (the
+  XLA path supports them) stay finite too.
 """
 
 from __future__ import annotations
@@ -35,10 +56,19 @@ import jax.numpy as jnp
 from jax import lax
 
 from pallas_kernels import ChunkLogits, TilePartials
+from pallas_kernels import distill_rows as row_kernel
 
 # Divergence selectors. A β known at trace time picks its branch statically, from its exact
 # value; a traced β selects at run time (β ≤ 0 forward, β ≥ 1 reverse, else the mixture).
 FORWARD_KL, MIXTURE_JSD, REVERSE_KL, TRACED_BETA = "forward_kl", "mixture_jsd", "reverse_kl", "traced"
+# The row kernel's branch number (its hyper[5]) of each static divergence, and the divergences
+# in that order (the branches of a run-time switch).
+_KERNEL_BRANCH = {
+    FORWARD_KL: row_kernel.FORWARD_KL,
+    MIXTURE_JSD: row_kernel.MIXTURE_JSD,
+    REVERSE_KL: row_kernel.REVERSE_KL,
+}
+_KINDS = tuple(sorted(_KERNEL_BRANCH, key=_KERNEL_BRANCH.get))
 
 
 class Hyper(NamedTuple):
@@ -81,8 +111,12 @@ def _finite_or_zero(m):
 
 
 def _weighted(w, x):
-    """w·x with w = 0 terms giving 0 even where x is not finite (0·∞ is a masked column, not NaN)."""
-    return jnp.where(w > 0.0, w * x, 0.0)
+    """w·x with w = 0 terms giving 0 even where x is not finite (0·∞ is a masked column, not NaN).
+
+    x is replaced before the product too, so the derivative of the unused side is not 0·NaN.
+    """
+    positive = w > 0.0
+    return jnp.where(positive, w * jnp.where(positive, x, 0.0), 0.0)
 
 
 def tile_partials(d_s, d_t, max_s, max_t, inv_t) -> TilePartials:
@@ -172,11 +206,6 @@ def _expand_tiles(per_tile, tile_width: int, vocab: int):
     return expanded.reshape(rows, n_tiles * tile_width)[:, :vocab]
 
 
-def _mixture_log_m(log_p, log_q, beta, one_minus_beta):
-    """log M = log(βP + (1−β)Q), as a log-sum-exp (never the log of an underflowing sum)."""
-    return jnp.logaddexp(jnp.log(beta) + log_p, jnp.log(one_minus_beta) + log_q)
-
-
 def soft_rows_and_dlogits(
     chunk: ChunkLogits,
     stats: RowStats,
@@ -189,6 +218,7 @@ def soft_rows_and_dlogits(
     with_dlogits: bool = True,
     vocab_axis_name=None,
     vocab_start=0,
+    branch=None,
 ):
     """Per-row JSD_β and CE of a chunk and (optionally) its scaled dlogits; see the module doc.
 
@@ -203,32 +233,66 @@ def soft_rows_and_dlogits(
       with_dlogits: False computes the losses only (dlogits None): β ∈ {0, 1} then read no logits.
       vocab_axis_name: mesh axis of a sharded vocabulary (row sums are all-reduced over it).
       vocab_start: global id of this shard's first column (0 when not sharded).
+      branch: with ``TRACED_BETA``, an optional traced int32 branch (the row kernel's
+        ``FORWARD_KL``/``MIXTURE_JSD``/``REVERSE_KL``) chosen by the caller; None → from
+        float32 β (β ≤ 0 forward, β ≥ 1 reverse, else the mixture).
 
     Returns:
       ``(soft_rows (R,) f32, hard_rows (R,) f32, dlogits (R, V) dlogits_dtype or None)``.
     """
     inv_t = hyper.inv_temperature
+    beta, one_minus_beta = hyper.beta, hyper.one_minus_beta
     valid = labels >= 0
     vocab = chunk.student.shape[-1]
     hard = stats.max_s + stats.log_sum_u - label_logits
 
-    def log_probs():
-        """log Q, log P, log softmax(z_s) of every column, from the relative logits and the stats."""
+    def row_sums(*xs):
+        sums = tuple(jnp.sum(x, axis=-1) for x in xs)
+        return sums if vocab_axis_name is None else lax.psum(sums, vocab_axis_name)
+
+    def relative_logits():
+        """z_s − M_s and z_t − M_t of every column, relative to the maxima of the whole row."""
         off_s = _expand_tiles(chunk.partials.max_s - _finite_or_zero(stats.max_s), chunk.tile_width, vocab)
         off_t = _expand_tiles(chunk.partials.max_t - _finite_or_zero(stats.max_t), chunk.tile_width, vocab)
-        z_s = chunk.student.astype(jnp.float32) + off_s  # z_s − M_s
-        z_t = chunk.teacher.astype(jnp.float32) + off_t
-        log_q = z_s * inv_t - stats.log_sum_q[:, None]
-        log_p = z_t * inv_t - stats.log_sum_p[:, None]
-        return log_q, log_p, z_s - stats.log_sum_u[:, None]
+        return chunk.student.astype(jnp.float32) + off_s, chunk.teacher.astype(jnp.float32) + off_t
 
-    def mixture_kls(log_q, log_p):
-        log_m = _mixture_log_m(log_p, log_q, hyper.beta, hyper.one_minus_beta)
-        p, q = jnp.exp(log_p), jnp.exp(log_q)
-        sums = (jnp.sum(_weighted(p, log_p - log_m), axis=-1), jnp.sum(_weighted(q, log_q - log_m), axis=-1))
+    def log_probs(z_s, z_t):
+        return z_s * inv_t - stats.log_sum_q[:, None], z_t * inv_t - stats.log_sum_p[:, None]
+
+    def pivot_teacher(z_s, z_t):
+        """(R, 1) z_t − M_t at the student's arg-max column (z_s − M_s = 0; any of its ties).
+
+        The result does not depend on the pivot (shift invariance), so it carries no gradient.
+        """
+        pivot = lax.stop_gradient(jnp.max(jnp.where(z_s == 0.0, z_t, -jnp.inf), axis=-1))
         if vocab_axis_name is not None:
-            sums = lax.psum(sums, vocab_axis_name)
-        return log_m, sums
+            pivot = lax.pmax(pivot, vocab_axis_name)
+        return pivot[:, None]
+
+    def mixture(z_s, z_t, grad):
+        """JSD_β rows (and ∂/∂s'): per-column terms without cancellation (module doc)."""
+        log_q, log_p = log_probs(z_s, z_t)
+        q, p = jnp.exp(log_q), jnp.exp(log_p)
+        coefficients = row_kernel.jsd_series_coefficients(beta, one_minus_beta)
+        terms, lmq = row_kernel.mixture_columns(log_p - log_q, q, p, beta, one_minus_beta, coefficients)
+        if not grad:
+            return row_sums(terms)[0], None
+        # a = −(1−β)·log(M/Q); Σ Q a about the pivot, where log Q = −log S_q.
+        pivot_log_ratio = pivot_teacher(z_s, z_t) * inv_t - (stats.log_sum_p - stats.log_sum_q)[:, None]
+        lmq_pivot = row_kernel.log_m_over_q(pivot_log_ratio, beta, one_minus_beta)
+        soft, pivot_mean = row_sums(terms, q * (lmq - lmq_pivot))
+        return soft, -one_minus_beta * q * ((lmq - lmq_pivot) - pivot_mean[:, None])
+
+    def soft_and_grad(kind, z_s, z_t):
+        if kind == FORWARD_KL:
+            log_q, log_p = log_probs(z_s, z_t)
+            return stats.kl_fwd, jnp.exp(log_q) - jnp.exp(log_p)
+        if kind == REVERSE_KL:  # Q ⊙ (Δ − Σ Q Δ), Δ = log(Q/P) − its value at the pivot
+            q = jnp.exp(log_probs(z_s, z_t)[0])
+            delta = (z_s - (z_t - pivot_teacher(z_s, z_t))) * inv_t
+            (pivot_mean,) = row_sums(_weighted(q, delta))
+            return stats.kl_rev, _weighted(q, delta - pivot_mean[:, None])
+        return mixture(z_s, z_t, grad=True)
 
     def soft_only(kind):
         """The loss alone: β ∈ {0, 1} from the statistics, the mixture with one reduction pass."""
@@ -236,50 +300,56 @@ def soft_rows_and_dlogits(
             return stats.kl_fwd
         if kind == REVERSE_KL:
             return stats.kl_rev
-        log_q, log_p, _ = log_probs()
-        _, (kl_pm, kl_qm) = mixture_kls(log_q, log_p)
-        return hyper.beta * kl_pm + hyper.one_minus_beta * kl_qm
+        return mixture(*relative_logits(), grad=False)[0]
 
-    def soft_and_grad(kind, log_q, log_p):
-        q = jnp.exp(log_q)
-        if kind == FORWARD_KL:
-            return stats.kl_fwd, q - jnp.exp(log_p)
-        if kind == REVERSE_KL:
-            return stats.kl_rev, _weighted(q, log_q - log_p - stats.kl_rev[:, None])
-        log_m, (kl_pm, kl_qm) = mixture_kls(log_q, log_p)
-        a = hyper.one_minus_beta * (log_q - log_m - kl_qm[:, None])  # a − Σ Q a
-        return hyper.beta * kl_pm + hyper.one_minus_beta * kl_qm, _weighted(q, a)
-
-    kinds = (FORWARD_KL, MIXTURE_JSD, REVERSE_KL)
-    branch = jnp.where(hyper.beta <= 0.0, 0, jnp.where(hyper.beta >= 1.0, 2, 1)).astype(jnp.int32)
+    if branch is None:
+        branch = row_kernel.branch_of(beta)
     zero_rows = jnp.zeros_like(hard)
 
     if not with_dlogits:
         if divergence == TRACED_BETA:
-            soft = lax.switch(branch, [lambda k=k: soft_only(k) for k in kinds])
+            soft = lax.switch(branch, [lambda k=k: soft_only(k) for k in _KINDS])
         else:
             soft = soft_only(divergence)
         return jnp.where(valid, soft, zero_rows), jnp.where(valid, hard, zero_rows), None
 
-    log_q, log_p, log_u = log_probs()
+    z_s, z_t = relative_logits()
     if divergence == TRACED_BETA:
-        soft, soft_grad = lax.switch(
-            branch, [lambda lq, lp, k=k: soft_and_grad(k, lq, lp) for k in kinds], log_q, log_p
-        )
+        soft, soft_grad = lax.switch(branch, [lambda a, b, k=k: soft_and_grad(k, a, b) for k in _KINDS], z_s, z_t)
     else:
-        soft, soft_grad = soft_and_grad(divergence, log_q, log_p)
+        soft, soft_grad = soft_and_grad(divergence, z_s, z_t)
     cols = vocab_start + jnp.arange(vocab, dtype=jnp.int32)
-    hard_grad = jnp.exp(log_u) - (cols[None, :] == labels[:, None]).astype(jnp.float32)
+    hard_grad = jnp.exp(z_s - stats.log_sum_u[:, None]) - (cols[None, :] == labels[:, None]).astype(jnp.float32)
     dlogits = (hyper.scale * hyper.soft_weight * inv_t) * soft_grad + (hyper.scale * hyper.hard_weight) * hard_grad
     dlogits = jnp.where(valid[:, None], dlogits, 0.0).astype(dlogits_dtype)
     return jnp.where(valid, soft, zero_rows), jnp.where(valid, hard, zero_rows), dlogits
 
 
+def kernel_hyper(hyper: Hyper, divergence: str) -> jax.Array:
+    """The Pallas row kernel's (6,) hyper-parameters for one call (:func:`pallas_kernels.distill_rows.row_hyper`).
+
+    ``[β, 1 − β, T, scale·soft_weight, scale·hard_weight, branch]``: the exact 1 − β of ``hyper``
+    and, for a static ``divergence``, its branch (β known at trace time decides it exactly); for
+    ``TRACED_BETA`` the branch follows float32 β at run time.
+    """
+    return row_kernel.row_hyper(
+        hyper.beta,
+        1.0 / hyper.inv_temperature,
+        hyper.scale * hyper.soft_weight,
+        hyper.scale * hyper.hard_weight,
+        one_minus_beta=hyper.one_minus_beta,
+        branch=None if divergence == TRACED_BETA else _KERNEL_BRANCH[divergence],
+    )
+
+
 def distill_rows(student_logits, teacher_logits, labels, hyper, *, dlogits_dtype):
     """Whole-row contract of the Pallas row kernel (:func:`pallas_kernels.distill_rows_pallas`).
 
-    The three stages on one chunk of float32 logits, with ``hyper`` = (4,) float32
-    ``[beta, temperature, soft_weight, hard_weight]`` (scale 1, β branch chosen at run time).
+    The three stages on one chunk of float32 logits, with ``hyper`` the kernel's: (6,)
+    ``[beta, 1 − beta, temperature, soft_weight, hard_weight, branch]`` (from
+    :func:`kernel_hyper` or :func:`pallas_kernels.distill_rows.row_hyper`), or (4,)
+    ``[beta, temperature, soft_weight, hard_weight]`` (1 − β and the branch from float32 β).
+    Scale 1.
 
     Args:
       student_logits, teacher_logits: (R, V) float32. labels: (R,) int32, negative = ignored; a
@@ -289,20 +359,23 @@ def distill_rows(student_logits, teacher_logits, labels, hyper, *, dlogits_dtype
     Returns:
       ``(soft_rows (R,) f32, hard_rows (R,) f32, dlogits (R, V) dlogits_dtype)``.
     """
-    beta, temperature, soft_weight, hard_weight = (hyper[i] for i in range(4))
+    beta, one_minus_beta, temperature, soft_weight, hard_weight, branch = (
+        row_kernel.full_row_hyper(hyper)[i] for i in range(row_kernel.HYPER_SIZE)
+    )
     inv_t = 1.0 / temperature
     chunk = chunk_logits_xla(student_logits, teacher_logits, inv_t)
     stats = combine_partials(chunk.partials, inv_t)
     safe = jnp.clip(labels, 0, student_logits.shape[-1] - 1)
     label_logits = jnp.take_along_axis(student_logits, safe[:, None], axis=-1)[:, 0]
     label_logits = jnp.where(labels >= student_logits.shape[-1], jnp.nan, label_logits)  # flagged, never read
-    one = jnp.ones((), jnp.float32)
+    one = jnp.ones((), student_logits.dtype)
     return soft_rows_and_dlogits(
         chunk,
         stats,
         labels,
         label_logits,
-        Hyper(beta, 1.0 - beta, inv_t, soft_weight, hard_weight, one),
+        Hyper(beta, one_minus_beta, inv_t, soft_weight, hard_weight, one),
         divergence=TRACED_BETA,
         dlogits_dtype=dlogits_dtype,
+        branch=branch.astype(jnp.int32),
     )

@@ -2,10 +2,14 @@
 
 The fused loss inside ``jax.shard_map`` with JAX's default ``check_vma=True``: the weight is
 replicated, the tokens are sharded, and autodiff sums the weight gradient over the data axis.
+``python tests/shard_map_vma_worker.py [xla|pallas] [check-vma|no-check-vma]`` picks the
+implementation (default xla; pallas runs the row kernel in interpret mode off a GPU) and the
+shard_map's check_vma (default True).
 """
 
 import functools
 import json
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -24,7 +28,9 @@ ws, wt = jax.random.normal(keys[2], (hs, vocab)) / 4, jax.random.normal(keys[3],
 bs = jax.random.normal(keys[4], (vocab,))
 labels = jax.random.randint(keys[5], (n,), 0, vocab)
 labels = jnp.where(jnp.arange(n) % 16 < jnp.arange(n) // 16 * 3, -100, labels)  # uneven per device
-options = dict(beta=0.3, temperature=2.0, hard_weight=0.5, chunk_size=5)
+implementation = sys.argv[1] if len(sys.argv) > 1 else "xla"
+check_vma = (sys.argv[2] if len(sys.argv) > 2 else "check-vma") == "check-vma"
+options = dict(beta=0.3, temperature=2.0, hard_weight=0.5, chunk_size=5, implementation=implementation)
 
 
 def loss(xs, ws, bs, xt, labels, axis_name=None):
@@ -43,7 +49,8 @@ def global_loss(xs, ws, bs, xt, labels):
         mesh=mesh,
         in_specs=(P("data"), P(), P(), P("data"), P("data")),
         out_specs=P(),
-    )  # check_vma defaults to True
+        check_vma=check_vma,
+    )
     return mapped(xs, ws, bs, xt, labels)
 
 
@@ -58,6 +65,8 @@ print(
     json.dumps(
         {
             "devices": len(jax.devices()),
+            "implementation": implementation,
+            "check_vma": check_vma,
             "loss": [float(whole[0]), float(sharded[0])],
             "grad_rel_diff": [rel(a, b) for a, b in zip(sharded[1], whole[1], strict=True)],
         }

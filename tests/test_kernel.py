@@ -88,19 +88,8 @@ def plain_f32(student, teacher, labels, hyper, *, dlogits_dtype=jnp.float32):
     return rowmath.distill_rows(student, teacher, labels, hyper, dlogits_dtype=dlogits_dtype)
 
 
-def reverse_kl_cancellation(student, soft_rows, beta, soft_weight, temperature):
-    """Extra dlogits budget of reverse KL at extreme logits: (R, V), non-zero only at each row's
-    student argmax, where Q ≈ 1 and log Q − log P − KL cancels: 4·ε·KL_r·soft_weight/T."""
-    if beta != 1.0:
-        return 0.0
-    per_row = 4 * EPS32 * soft_rows * soft_weight / temperature
-    return jax.nn.one_hot(jnp.argmax(student, axis=1), student.shape[1]) * per_row[:, None]
-
-
-def assert_matches_contract(got, student, teacher, labels, hyper, *, grad_atol=0.0, rows_per_call=None):
+def assert_matches_contract(got, student, teacher, labels, hyper, *, rows_per_call=None):
     """Kernel outputs vs the float64 contract, within the float32 budget (module docstring).
-
-    ``grad_atol``: an extra absolute dlogits budget, a scalar or an (R, V) array.
 
     The oracle runs ``rows_per_call`` rows at a time and the (R, V) comparison stays on the
     device, so that real vocabularies with thousands of rows check quickly; the dlogits budget
@@ -117,8 +106,7 @@ def assert_matches_contract(got, student, teacher, labels, hyper, *, grad_atol=0
             sl = slice(r, r + step)
             w_soft, w_hard, w = _contract_f64(*_as_f64(student[sl], teacher[sl], labels[sl], hyper))
             want_losses.append((np.asarray(w_soft), np.asarray(w_hard)))
-            extra = grad_atol[sl] if jnp.ndim(grad_atol) == 2 else grad_atol
-            atol = GRAD_SCALED_ATOL * jnp.max(jnp.abs(w)) + 2 * jnp.max(jnp.abs(plain[2][sl] - w)) + extra
+            atol = GRAD_SCALED_ATOL * jnp.max(jnp.abs(w)) + 2 * jnp.max(jnp.abs(plain[2][sl] - w))
             _assert_close_on_device(dlogits[sl].astype(jnp.float64), w, labels[sl] >= 0, rtol, atol, r)
     valid = np.asarray(labels) >= 0
     for name, g, w, p in zip(("soft", "hard"), (soft, hard), zip(*want_losses, strict=True), plain[:2], strict=True):
@@ -186,21 +174,16 @@ def test_loss_weights(beta, soft_weight, hard_weight):
 @pytest.mark.parametrize("beta", [0.0, 0.5, 1.0], ids=["fwdKL", "jsd0.5", "revKL"])
 @pytest.mark.parametrize("scale", [1000.0, 3000.0], ids=["scale1e3", "scale3e3-logits2e4"])
 def test_extreme_logits_stay_finite(beta, scale):
-    """|z| up to ~2e4 with T = 0.05 (|z/T| ~ 5e5): finite, and as accurate as float32 allows.
-
-    The reverse-KL gradient of a row whose student distribution is one-hot is Q ⊙ (log Q −
-    log P − KL) with log Q − log P ≈ KL ≈ 1e4..1e5 nats: a cancellation that leaves ≈ ε·KL·(soft
-    weight/T) in the largest entry (≤ 4·ε·KL·w/T is budgeted; plain float32 happens to cancel
-    exactly because it rounds KL and the per-entry term along the same path).
-    """
+    """|z| up to ~2e4 with T = 0.05 (|z/T| ~ 5e5): finite, and as accurate as float32 allows,
+    with no extra budget for reverse KL (its row sum is taken about a pivot, so the entry where a
+    one-hot student has Q ≈ 1 no longer subtracts two numbers of the size of KL ≈ 1e4..1e5)."""
     student, teacher, labels = make_rows(ROWS, 4097, scale=scale, seed=2)
     hyper = hyper_array(beta, 0.05)
     config = RowKernelConfig(block_v=1024, num_warps=4, num_stages=1)
     got = distill_rows_pallas(student, teacher, labels, hyper, dlogits_dtype=jnp.float32, config=config)
     for x in got:
         assert np.isfinite(np.asarray(x)).all()
-    cancellation = reverse_kl_cancellation(student, got[0], beta, soft_weight=0.8, temperature=0.05)
-    assert_matches_contract(got, student, teacher, labels, hyper, grad_atol=cancellation)
+    assert_matches_contract(got, student, teacher, labels, hyper)
 
 
 def test_label_past_the_vocabulary_gives_nan_hard_loss():

@@ -3,7 +3,8 @@
 Skipped where there is no GPU (``tests/conftest.py``). On a GPU, ``test_kernel.py`` also runs
 the real kernel (``interpret=None`` picks it), over the small geometries (V < tile, no tail,
 k·tile + 1); this file adds real sizes and what interpret mode cannot see: loads and stores
-outside a row, which on Triton become raw pointer arithmetic into the neighbouring rows.
+outside a row, which on Triton become raw pointer arithmetic into the neighbouring rows, and the
+Pallas path inside ``shard_map(check_vma=True)`` (interpret mode cannot run there on JAX 0.10.2).
 """
 
 from __future__ import annotations
@@ -14,15 +15,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 from test_kernel import (
     HYPERS,
     IGNORE,
     assert_matches_contract,
     hyper_array,
     make_rows,
-    reverse_kl_cancellation,
 )
 
+from jaxdistill import fused_linear_jsd_loss
 from pallas_kernels import RowKernelConfig, distill_rows_pallas
 
 pytestmark = pytest.mark.gpu
@@ -55,16 +58,13 @@ def test_real_vocabularies(beta, temperature, vocab, rows, dtype):
 @pytest.mark.parametrize("beta", [0.0, 0.5, 1.0], ids=["fwdKL", "jsd0.5", "revKL"])
 @pytest.mark.parametrize("scale", [1000.0, 3000.0], ids=["scale1e3", "scale3e3-logits2e4"])
 def test_extreme_logits_real_vocabulary(beta, scale):
-    """|z| up to ~2e4 at T = 0.05 stays finite (budget as in test_kernel's extreme test)."""
+    """|z| up to ~2e4 at T = 0.05 stays finite and within the float32 budget (as in test_kernel)."""
     student, teacher, labels = make_rows(256, 128256, scale=scale, seed=7)
     hyper = hyper_array(beta, 0.05)
     got = distill_rows_pallas(student, teacher, labels, hyper, dlogits_dtype=jnp.bfloat16)
     for x in got:
         assert np.isfinite(np.asarray(x.astype(jnp.float32))).all()
-    cancellation = reverse_kl_cancellation(student, got[0], beta, soft_weight=0.8, temperature=0.05)
-    assert_matches_contract(
-        got, student, teacher, labels, hyper, grad_atol=cancellation, rows_per_call=ORACLE_ROWS_PER_CALL
-    )
+    assert_matches_contract(got, student, teacher, labels, hyper, rows_per_call=ORACLE_ROWS_PER_CALL)
 
 
 # --- row isolation -----------------------------------------------------------------------------
@@ -129,3 +129,34 @@ def test_rows_are_isolated(beta, vocab, config, dtype):
             # math, then one ulp of the output dtype: a bf16 dlogit may round the other way).
             rtol = 2.0**-7 if name == "dlogits" and dtype == jnp.bfloat16 else 1e-6
             np.testing.assert_allclose(a[0], r[i], rtol=rtol, atol=1e-7, err_msg=f"{name}: row {i} alone")
+
+
+# --- shard_map with check_vma=True (the compiled kernel; interpret mode cannot run there) ------------
+
+
+def test_pallas_loss_inside_shard_map_with_check_vma_equals_unsharded():
+    """The whole Pallas path inside ``jax.shard_map`` with the default check_vma=True over every
+    local GPU (tokens sharded, heads replicated): loss and gradients equal the unsharded call's."""
+    devices = jax.devices()
+    n, hs, ht, vocab = 16 * len(devices), 64, 96, 4099
+    k = jax.random.split(jax.random.key(0), 5)
+    xs, xt = jax.random.normal(k[0], (n, hs)), jax.random.normal(k[1], (n, ht))
+    ws, wt = jax.random.normal(k[2], (hs, vocab)) / 8, jax.random.normal(k[3], (ht, vocab)) / 10
+    labels = jax.random.randint(k[4], (n,), 0, vocab).at[::5].set(IGNORE)
+    options = dict(beta=0.3, temperature=2.0, hard_weight=0.5, chunk_size=8, implementation="pallas")
+
+    def loss(xs, ws, xt, labels, axis_name=None):
+        return fused_linear_jsd_loss(xs, ws, xt, wt, labels, axis_name=axis_name, **options)
+
+    mesh = Mesh(np.array(devices), ("data",))
+    mapped = jax.shard_map(
+        lambda *a: jax.lax.psum(loss(*a, axis_name="data"), "data"),
+        mesh=mesh,
+        in_specs=(P("data"), P(), P("data"), P("data")),
+        out_specs=P(),
+    )
+    got_loss, got = jax.jit(jax.value_and_grad(mapped, argnums=(0, 1)))(xs, ws, xt, labels)
+    want_loss, want = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(xs, ws, xt, labels)
+    np.testing.assert_allclose(float(got_loss), float(want_loss), rtol=1e-6)
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(w))))
