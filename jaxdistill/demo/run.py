@@ -54,8 +54,13 @@ def prepare_data(config: DemoConfig):
     return train_tokens, heldout_tokens, stats
 
 
-def run(config: DemoConfig) -> dict:
-    """Run every phase and return the metrics dict of the report (not yet written)."""
+def run(config: DemoConfig, *, trained: dict | None = None) -> dict:
+    """Run every phase and return the metrics dict of the report (not yet written).
+
+    ``trained``: if given, a dict that receives the trained models (``teacher``, ``student_ce``,
+    ``student_distilled``) and the final evaluation's held-out windows (``heldout_inputs``,
+    ``heldout_labels``), for callers that measure them further.
+    """
     begin = time.perf_counter()
     timings = {}
     train_tokens, heldout_tokens, corpus_stats = prepare_data(config)
@@ -152,6 +157,8 @@ def run(config: DemoConfig) -> dict:
     }
     timings["heldout_eval"] = time.perf_counter() - begin_eval
     timings["total"] = time.perf_counter() - begin
+    if trained is not None:
+        trained.update(teacher=teacher, **students, heldout_inputs=inputs, heldout_labels=labels)
 
     device = jax.devices()[0]
     return {
