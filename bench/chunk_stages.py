@@ -113,7 +113,7 @@ def stage_rows(args):
         add(
             f"chunk-{impl}-beta={beta}",
             jax.jit(lambda *a, plan=plan, hyper=hyper: fused._scan_losses_and_grads(plan, *a, hyper)),
-            xs, ws, None, xt, wt, None, labels,
+            xs, ws, None, (xt,), (wt, None), labels,
         )  # fmt: skip
     return out
 

@@ -48,9 +48,11 @@ class FlatInputs:
 
     Attributes:
       vocab_size: V, the global vocabulary (all shards of a sharded one).
-      student_hidden: (N, Hs). teacher_hidden: (N, Ht).
+      student_hidden: (N, Hs). teacher_hidden: (N, Ht), or None without a dense teacher.
       labels: (N,) int32. valid: (N,) bool, ``labels != ignore_index`` AND ``where``.
       beta, temperature: the scalars as given (floats or traced arrays).
+      bad_teacher: None, or a traced bool that poisons the loss like a bad label (a top-k
+        teacher's out-of-range or repeated ids on a valid row).
     """
 
     vocab_size: int
@@ -60,6 +62,7 @@ class FlatInputs:
     valid: jax.Array
     beta: object
     temperature: object
+    bad_teacher: jax.Array | None = None
 
     def any_bad_label(self) -> jax.Array:
         """True when a valid row's label lies outside [0, V)."""
@@ -100,7 +103,10 @@ class FlatInputs:
         count, denominator = self.count_and_denominator(reduction=reduction, axis_name=axis_name)
         dtype = jnp.result_type(total)
         denominator = denominator.astype(dtype)
-        poison = jnp.where(self.any_bad_label() | self.bad_hyper(), jnp.nan, 1.0).astype(dtype)
+        bad = self.any_bad_label() | self.bad_hyper()
+        if self.bad_teacher is not None:
+            bad = bad | self.bad_teacher
+        poison = jnp.where(bad, jnp.nan, 1.0).astype(dtype)
         loss = total * poison / (1 if prescaled else denominator)
         if not return_aux:
             return loss
@@ -203,6 +209,25 @@ def _narrow_labels(labels, n_rows: int, vocab_size: int, ignore_index: int) -> t
     return jnp.asarray(flat), jnp.asarray(valid)
 
 
+def _check_dense_teacher(teacher_hidden, teacher_weight, layout, vocab_size, student_weight, lead) -> None:
+    """The teacher head fits its hidden states and the student's vocabulary V, with the same leading dims."""
+    if teacher_hidden is None or teacher_weight is None:
+        raise ValueError("`teacher_hidden` and `teacher_weight` must be given together")
+    teacher_vocab = weight_sizes(teacher_weight, layout, "teacher_weight")[1]
+    _check_hidden(teacher_hidden, teacher_weight, layout, "teacher_hidden", "teacher_weight")
+    if teacher_vocab != vocab_size:
+        raise ValueError(
+            f"student vocabulary ({vocab_size}, `student_weight` {jnp.shape(student_weight)}) "
+            f"and teacher vocabulary ({teacher_vocab}, `teacher_weight` "
+            f"{jnp.shape(teacher_weight)}) must match"
+        )
+    if jnp.shape(teacher_hidden)[:-1] != lead:
+        raise ValueError(
+            f"`teacher_hidden` leading dims {jnp.shape(teacher_hidden)[:-1]} do not match "
+            f"`student_hidden` leading dims {lead}"
+        )
+
+
 def validate_and_flatten(
     student_hidden,
     student_weight,
@@ -226,6 +251,9 @@ def validate_and_flatten(
 ) -> FlatInputs:
     """Check shapes, dtypes and options (see :func:`jaxdistill.fused_linear_jsd_loss`).
 
+    ``teacher_hidden`` and ``teacher_weight`` may both be None (a teacher that is not a dense
+    head, e.g. cached top-k log-probs, checked by its caller): then only the student is checked.
+
     With ``vocab_shards`` = M > 1 the weights and biases are one of M equal vocabulary shards
     (V/M columns each) and the labels are global ids: ``FlatInputs.vocab_size`` is then V.
 
@@ -233,23 +261,12 @@ def validate_and_flatten(
       ValueError, TypeError: with a message naming the offending argument.
     """
     vocab_size = weight_sizes(student_weight, student_weight_layout, "student_weight")[1]
-    teacher_vocab = weight_sizes(teacher_weight, teacher_weight_layout, "teacher_weight")[1]
     _check_hidden(student_hidden, student_weight, student_weight_layout, "student_hidden", "student_weight")
-    _check_hidden(teacher_hidden, teacher_weight, teacher_weight_layout, "teacher_hidden", "teacher_weight")
-    if teacher_vocab != vocab_size:
-        raise ValueError(
-            f"student vocabulary ({vocab_size}, `student_weight` {jnp.shape(student_weight)}) "
-            f"and teacher vocabulary ({teacher_vocab}, `teacher_weight` "
-            f"{jnp.shape(teacher_weight)}) must match"
-        )
+    lead = jnp.shape(student_hidden)[:-1]
+    if teacher_hidden is not None or teacher_weight is not None:
+        _check_dense_teacher(teacher_hidden, teacher_weight, teacher_weight_layout, vocab_size, student_weight, lead)
     _check_bias(student_bias, vocab_size, "student_bias")
     _check_bias(teacher_bias, vocab_size, "teacher_bias")
-    lead = jnp.shape(student_hidden)[:-1]
-    if jnp.shape(teacher_hidden)[:-1] != lead:
-        raise ValueError(
-            f"`teacher_hidden` leading dims {jnp.shape(teacher_hidden)[:-1]} do not match "
-            f"`student_hidden` leading dims {lead}"
-        )
     labels = _labels_array(labels)
     if jnp.shape(labels) != lead:
         raise ValueError(f"`labels` shape {jnp.shape(labels)} must equal the leading dims {lead} of the hidden states")
@@ -281,7 +298,9 @@ def validate_and_flatten(
     return FlatInputs(
         vocab_size=vocab_size,
         student_hidden=jnp.reshape(student_hidden, (n_rows, jnp.shape(student_hidden)[-1])),
-        teacher_hidden=jnp.reshape(teacher_hidden, (n_rows, jnp.shape(teacher_hidden)[-1])),
+        teacher_hidden=None
+        if teacher_hidden is None
+        else jnp.reshape(teacher_hidden, (n_rows, jnp.shape(teacher_hidden)[-1])),
         labels=flat_labels,
         valid=valid,
         beta=beta,

@@ -22,9 +22,18 @@ from jax import lax
 
 from jaxdistill import rowmath
 from jaxdistill._validate import concrete_float, validate_and_flatten
-from pallas_kernels import ChunkLogits, RowKernelConfig, distill_rows_pallas, logits_and_partials_pallas
+from pallas_kernels import (
+    ChunkLogits,
+    RowKernelConfig,
+    distill_rows_pallas,
+    logits_and_partials_pallas,
+    tail_dlogits_pallas,
+    tail_statistics_pallas,
+)
 
 IMPLEMENTATIONS = ("xla", "pallas")
+# The teacher of a plan: a dense head, or cached top-k log-probs with one of two tails.
+DENSE_TEACHER, TOPK_BUCKET, TOPK_RENORMALIZE = "dense", "bucket", "renormalize"
 # Budget for the two float32 (chunk, V) logits buffers of one chunk; the dlogits and the
 # kernel's temporaries add at most about the same again.
 DEFAULT_LOGITS_BUDGET_BYTES = 1 << 30
@@ -50,6 +59,23 @@ def resolve_implementation(implementation: str | None) -> str:
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"`implementation` must be None or one of {IMPLEMENTATIONS}, got {implementation!r}")
     return implementation
+
+
+def check_kernel_config(kernel_config, implementation: str, *, requested) -> None:
+    """``kernel_config`` is None or a :class:`RowKernelConfig` for the resolved ``"pallas"``.
+
+    ``requested`` is the ``implementation`` argument as the caller gave it, so that the message
+    says when None resolved to ``"xla"`` (no GPU backend).
+    """
+    if kernel_config is None:
+        return
+    if implementation != "pallas":
+        given = f"implementation={requested!r}"
+        if requested is None:
+            given += f', which resolved to "{implementation}" on the {jax.default_backend()} backend'
+        raise ValueError(f"`kernel_config` applies only to implementation='pallas'; got {given}")
+    if not isinstance(kernel_config, RowKernelConfig):
+        raise TypeError(f"`kernel_config` must be a RowKernelConfig, got {type(kernel_config).__name__}")
 
 
 def divergence_of(beta) -> str:
@@ -86,6 +112,10 @@ class FusedPlan:
       vocab_axis_name: mesh axis over which the vocabulary is sharded, or None. The weights
         and biases are then this device's contiguous V/M-column shard (in axis-index order);
         the row statistics are all-reduced over the axis, and so is grad_x.
+      teacher: ``DENSE_TEACHER`` (the teacher's hidden states and head: rows ``(x_t,)``, shared
+        ``(w_t, b_t)``) or a top-k teacher, ``TOPK_BUCKET`` / ``TOPK_RENORMALIZE`` (rows
+        ``(ids, logprobs)``, nothing shared; the row stage of :func:`jaxdistill.rowmath.
+        topk_rows_and_dlogits` with that tail).
     """
 
     chunk_size: int
@@ -96,6 +126,7 @@ class FusedPlan:
     student_weight_layout: str = "hv"
     teacher_weight_layout: str = "hv"
     vocab_axis_name: str | None = None
+    teacher: str = DENSE_TEACHER
 
     def __post_init__(self):
         if isinstance(self.chunk_size, bool) or not isinstance(self.chunk_size, (int, np.integer)):
@@ -127,15 +158,32 @@ class FusedPlan:
         z_t = _logits(x_t, w_t, b_t, self.teacher_weight_layout)
         return rowmath.chunk_logits_xla(z_s, z_t, hyper.inv_temperature)
 
-    def rows(self, x_s, w_s, b_s, x_t, w_t, b_t, labels, hyper, *, with_dlogits):
+    def rows(self, x_s, w_s, b_s, teacher_rows, teacher_shared, labels, hyper, *, with_dlogits):
         """One chunk's (soft_rows, hard_rows, dlogits or None).
 
         ``"xla"``: the three stages of :mod:`jaxdistill.rowmath`. ``"pallas"``: XLA's logits, then
         the Pallas row kernel, which computes the statistics, losses and dlogits of whole rows in
         its own passes (given the exact 1 − β and the branch of ``divergence``, so both paths decide
         the β branch from the exact β). ``"pallas"`` over a sharded
-        vocabulary: the three stages, stage 1 in the fused logits kernel.
+        vocabulary: the three stages, stage 1 in the fused logits kernel. A top-k teacher: XLA's
+        student logits, then :func:`jaxdistill.rowmath.topk_rows_and_dlogits` (its two passes over
+        the row in Pallas kernels for ``"pallas"``).
         """
+        if self.teacher != DENSE_TEACHER:
+            ids, logprobs = teacher_rows
+            return rowmath.topk_rows_and_dlogits(
+                _logits(x_s, w_s, b_s, self.student_weight_layout),
+                ids,
+                logprobs,
+                labels,
+                hyper,
+                divergence=self.divergence,
+                tail=self.teacher,
+                dlogits_dtype=x_s.dtype,
+                with_dlogits=with_dlogits,
+                passes=self.tail_passes(),
+            )
+        (x_t,), (w_t, b_t) = teacher_rows, teacher_shared
         if self.implementation == "pallas" and self.vocab_axis_name is None:
             z_s = _logits(x_s, w_s, b_s, self.student_weight_layout)
             z_t = _logits(x_t, w_t, b_t, self.teacher_weight_layout)
@@ -167,6 +215,17 @@ class FusedPlan:
             vocab_axis_name=self.vocab_axis_name,
             vocab_start=vocab_start,
         )
+
+    def tail_passes(self) -> rowmath.TailPasses:
+        """The two passes over a top-k teacher's student row: jnp (``"xla"``) or Pallas kernels."""
+        if self.implementation != "pallas":
+            return rowmath.TAIL_PASSES_XLA
+        options = dict(config=self.kernel_config, interpret=self.interpret)
+
+        def statistics(z_tail, inv_t):
+            return rowmath.TailStatistics(*tail_statistics_pallas(z_tail, inv_t, **options))
+
+        return rowmath.TailPasses(statistics, functools.partial(tail_dlogits_pallas, **options))
 
     def vocab_start(self, w_s):
         """Global id of this device's first vocabulary column (0 unless the vocabulary is sharded)."""
@@ -275,12 +334,16 @@ def _tracks_vocab_axis(plan) -> bool:
     return name is not None and name in _varying_axes(lax.axis_index(name))
 
 
-def _scan_losses_and_grads(plan, x_s, w_s, b_s, x_t, w_t, b_t, labels, hyper, *, with_grads=True):
+def _scan_losses_and_grads(plan, x_s, w_s, b_s, teacher_rows, teacher_shared, labels, hyper, *, with_grads=True):
     """Σ losses over valid rows and the gradients of scale·Σ_rows ℓ, chunk by chunk.
 
     Args:
       plan: FusedPlan. x_s: (N, Hs). w_s: (Hs, V) or (V, Hs) by the plan's layout.
-      b_s: (V,) or None. x_t: (N, Ht). w_t: (Ht, V) or (V, Ht). b_t: (V,) or None.
+      b_s: (V,) or None.
+      teacher_rows: tuple of (N, ...) arrays walked in chunks with the student's rows; for the
+        dense teacher ``(x_t,)``, x_t (N, Ht); for a top-k teacher ``(ids, logprobs)``, (N, k).
+      teacher_shared: tuple passed whole to every chunk: ``(w_t, b_t)``, w_t (Ht, V) or (V, Ht),
+        b_t (V,) or None, for the dense teacher; ``()`` for a top-k one.
       labels: (N,) int32 in [0, V), −1 = ignored.
       hyper: :class:`jaxdistill.rowmath.Hyper`.
       with_grads: False computes the losses only (no dlogits, no gradient matmuls).
@@ -295,13 +358,17 @@ def _scan_losses_and_grads(plan, x_s, w_s, b_s, x_t, w_t, b_t, labels, hyper, *,
     """
     n_rows, hidden_s = x_s.shape
     chunk = max(1, min(plan.chunk_size, n_rows))
-    xs = (_chunked(x_s, chunk, 0), _chunked(x_t, chunk, 0), _chunked(labels, chunk, -1))
+    xs = (
+        _chunked(x_s, chunk, 0),
+        tuple(_chunked(t, chunk, 0) for t in teacher_rows),
+        _chunked(labels, chunk, -1),
+    )
 
     def body(carry, chunk_inputs):
         soft_acc, hard_acc, grad_w, grad_b = carry
-        x_s_c, x_t_c, labels_c = chunk_inputs
+        x_s_c, teacher_c, labels_c = chunk_inputs
         soft_rows, hard_rows, dlogits = plan.rows(
-            x_s_c, w_s, b_s, x_t_c, w_t, b_t, labels_c, hyper, with_dlogits=with_grads
+            x_s_c, w_s, b_s, teacher_c, teacher_shared, labels_c, hyper, with_dlogits=with_grads
         )
         carry = (soft_acc + jnp.sum(soft_rows), hard_acc + jnp.sum(hard_rows), grad_w, grad_b)
         if not with_grads:
@@ -328,7 +395,7 @@ def _scan_losses_and_grads(plan, x_s, w_s, b_s, x_t, w_t, b_t, labels, hyper, *,
     # like the inputs but not over the vocabulary axis (their rows come from statistics
     # all-reduced over it), the gradient accumulators like the inputs and over the vocabulary
     # axis (a shard's dlogits vary over it through its one-hot columns, whatever the weights).
-    input_axes = set(_varying_axes(x_s, w_s, b_s, x_t, w_t, b_t, labels, hyper))
+    input_axes = set(_varying_axes(x_s, w_s, b_s, teacher_rows, teacher_shared, labels, hyper))
     sum_axes = tuple(sorted(input_axes - {plan.vocab_axis_name}))
     grad_axes = tuple(sorted(input_axes | ({plan.vocab_axis_name} if _tracks_vocab_axis(plan) else set())))
     init = tuple(
@@ -345,13 +412,16 @@ def _scan_losses_and_grads(plan, x_s, w_s, b_s, x_t, w_t, b_t, labels, hyper, *,
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _fused_sums(plan, x_s, w_s, b_s, x_t, w_t, b_t, labels, hyper):
+def _fused_sums(plan, x_s, w_s, b_s, teacher_rows, teacher_shared, labels, hyper):
     """(scale·Σ (soft_weight·JSD + hard_weight·CE), Σ JSD, Σ CE) over valid rows.
 
     Without differentiation this is the value-only path: no dlogits, no gradient matmuls, and at
-    β ∈ {0, 1} no logits stored at all. See :func:`_scan_losses_and_grads`.
+    β ∈ {0, 1} no logits stored at all. See :func:`_scan_losses_and_grads`. The teacher (dense
+    or top-k, by ``plan.teacher``) gets zero cotangents.
     """
-    soft_sum, hard_sum, *_ = _scan_losses_and_grads(plan, x_s, w_s, b_s, x_t, w_t, b_t, labels, hyper, with_grads=False)
+    soft_sum, hard_sum, *_ = _scan_losses_and_grads(
+        plan, x_s, w_s, b_s, teacher_rows, teacher_shared, labels, hyper, with_grads=False
+    )
     return _weighted_total(hyper, soft_sum, hard_sum), soft_sum, hard_sum
 
 
@@ -359,9 +429,9 @@ def _weighted_total(hyper, soft_sum, hard_sum):
     return hyper.scale * (hyper.soft_weight * soft_sum + hyper.hard_weight * hard_sum)
 
 
-def _fused_sums_fwd(plan, x_s, w_s, b_s, x_t, w_t, b_t, labels, hyper):
+def _fused_sums_fwd(plan, x_s, w_s, b_s, teacher_rows, teacher_shared, labels, hyper):
     soft_sum, hard_sum, grad_x, grad_w, grad_b = _scan_losses_and_grads(
-        plan, x_s, w_s, b_s, x_t, w_t, b_t, labels, hyper
+        plan, x_s, w_s, b_s, teacher_rows, teacher_shared, labels, hyper
     )
     # The student inputs are saved (no copies: they are the primal inputs) for the dtypes and
     # varying axes of their cotangents.
@@ -395,7 +465,6 @@ def _fused_sums_bwd(plan, residuals, cotangents):
         _like_primal((g_student * grad_w).astype(w_s.dtype), w_s),
         None if grad_b is None else _like_primal((g_student * grad_b).astype(b_s.dtype), b_s),
         None,  # the teacher and the labels get zero cotangents
-        None,
         None,
         None,
         jax.tree.map(lambda c, h: _like_primal((g * c).astype(h.dtype), h), grad_hyper, hyper),
@@ -543,20 +612,16 @@ def fused_linear_jsd_loss(
         teacher_weight_layout=teacher_weight_layout,
         vocab_shards=vocab_shards,
     )
-    implementation = resolve_implementation(implementation)
+    requested, implementation = implementation, resolve_implementation(implementation)
     vocab = a.vocab_size  # global: the labels index all shards
     if chunk_size is None:
         chunk_size = default_chunk_size(vocab)  # so the chunk's logits per device shrink as 1/M too
-    if implementation == "pallas":
-        if kernel_config is not None and not isinstance(kernel_config, RowKernelConfig):
-            raise TypeError(f"`kernel_config` must be a RowKernelConfig, got {type(kernel_config).__name__}")
-        if kernel_config is not None and vocab_axis_name is not None:
-            raise ValueError(
-                "`kernel_config` configures the row kernel, which does not run with `vocab_axis_name` "
-                "(the fused logits kernel and the row stages of the XLA path do)"
-            )
-    elif kernel_config is not None:
-        raise ValueError("`kernel_config` applies only to implementation='pallas'")
+    check_kernel_config(kernel_config, implementation, requested=requested)
+    if kernel_config is not None and vocab_axis_name is not None:
+        raise ValueError(
+            "`kernel_config` configures the row kernel, which does not run with `vocab_axis_name` "
+            "(the fused logits kernel and the row stages of the XLA path do)"
+        )
     plan = FusedPlan(
         chunk_size=chunk_size,
         implementation=implementation,
@@ -577,9 +642,8 @@ def fused_linear_jsd_loss(
         a.student_hidden,
         student_weight,
         student_bias,
-        a.teacher_hidden,
-        teacher_weight,
-        teacher_bias,
+        (a.teacher_hidden,),
+        (teacher_weight, teacher_bias),
         kernel_labels,
         hyper,
     )

@@ -379,3 +379,184 @@ def distill_rows(student_logits, teacher_logits, labels, hyper, *, dlogits_dtype
         dlogits_dtype=dlogits_dtype,
         branch=branch.astype(jnp.int32),
     )
+
+
+# --- a top-k teacher: the student's full row against k cached teacher log-probs -----------------
+
+
+class TailStatistics(NamedTuple):
+    """Row sums over the *tail*, the columns that are not among a row's top-k ids; (R,) float32.
+
+    Attributes:
+      max: M_tail = max of z over the tail (−inf when the tail is empty).
+      sum_q: Σ_tail exp((z − M_tail)/T). sum_u: Σ_tail exp(z − M_tail) (untempered, for the CE).
+    """
+
+    max: jax.Array
+    sum_q: jax.Array
+    sum_u: jax.Array
+
+
+class TailCoefficients(NamedTuple):
+    """Row scalars of the tail's dlogits, (R,) float32 each (:func:`tail_dlogits_xla`).
+
+    A tail column v gets soft·exp((z_v − max_tail)/T − log_sum_tail) + hard·(exp(z_v − max_s −
+    log_sum_u) − [v = y]): the first exponential is Q_v / Q_tail ≤ 1, the second softmax(z_s)_v.
+    Ignored rows have soft = hard = 0. Every value is finite.
+    """
+
+    max_tail: jax.Array
+    log_sum_tail: jax.Array
+    soft: jax.Array
+    max_s: jax.Array
+    log_sum_u: jax.Array
+    hard: jax.Array
+
+
+def tail_statistics_xla(z_tail, inv_t) -> TailStatistics:
+    """:class:`TailStatistics` of (R, V) float32 logits whose top-k columns are −inf, in jnp."""
+    max_tail = jnp.max(z_tail, axis=-1)
+    d = z_tail - _finite_or_zero(max_tail)[:, None]
+    return TailStatistics(max_tail, jnp.sum(jnp.exp(d * inv_t), axis=-1), jnp.sum(jnp.exp(d), axis=-1))
+
+
+def tail_dlogits_xla(z_tail, labels, inv_t, coefficients: TailCoefficients, dlogits_dtype):
+    """(R, V) dlogits of the tail columns (:class:`TailCoefficients`); the −inf top-k columns get 0.
+
+    Args:
+      z_tail: (R, V) float32 logits, −inf at each row's top-k ids. labels: (R,) int32, negative =
+        ignored. inv_t: scalar 1/T. dlogits_dtype: the output dtype.
+    """
+    c = coefficients
+    q_over_tail = jnp.exp((z_tail - c.max_tail[:, None]) * inv_t - c.log_sum_tail[:, None])
+    softmax_u = jnp.exp(z_tail - c.max_s[:, None] - c.log_sum_u[:, None])
+    onehot = (jnp.arange(z_tail.shape[-1], dtype=jnp.int32)[None, :] == labels[:, None]).astype(jnp.float32)
+    return (c.soft[:, None] * q_over_tail + c.hard[:, None] * (softmax_u - onehot)).astype(dlogits_dtype)
+
+
+class TailPasses(NamedTuple):
+    """The two passes of :func:`topk_rows_and_dlogits` over a full (R, V) row.
+
+    ``statistics(z_tail, inv_t) -> TailStatistics`` and ``dlogits(z_tail, labels, inv_t,
+    coefficients, dlogits_dtype) -> (R, V)``: jnp (:data:`TAIL_PASSES_XLA`) or the Pallas kernels
+    of :mod:`pallas_kernels.tail_rows`.
+    """
+
+    statistics: object
+    dlogits: object
+
+
+TAIL_PASSES_XLA = TailPasses(tail_statistics_xla, tail_dlogits_xla)
+TOPK_TAILS = ("bucket", "renormalize")
+
+
+def topk_rows_and_dlogits(
+    student_logits,
+    ids,
+    logprobs,
+    labels,
+    hyper: Hyper,
+    *,
+    divergence: str,
+    tail: str,
+    dlogits_dtype,
+    with_dlogits: bool = True,
+    passes: TailPasses = TAIL_PASSES_XLA,
+):
+    """Per-row JSD_β against a top-k teacher, the CE, and the scaled dense dlogits of one chunk.
+
+    With s' = z_s/T, Q = softmax(s') over the full vocabulary and P_i = exp(logprobs_i) the
+    teacher's probabilities of its ids (made at the distillation temperature):
+
+    * ``tail="bucket"``: JSD_β between the (k+1)-bucket distributions (P_ids, 1 − Σ P_ids) and
+      (Q_ids, Q_tail), Q_tail = Σ_{v ∉ ids} Q_v summed directly over the tail columns (a second
+      pass over them with the ids at −inf), never as 1 − Σ Q_ids; P's tail is
+      log1p(−min(Σ P_ids, 1)).
+    * ``tail="renormalize"``: JSD_β between P_ids / Σ P_ids and Q_ids / Σ Q_ids.
+
+    The divergence of the k+1 (or k) bucket log-probabilities is the dense row math itself
+    (:func:`soft_rows_and_dlogits` on a (R, k+1) "vocabulary" at T = 1), so the β convention,
+    the endpoints, the β-accuracy and the −inf handling are the dense loss's. Its gradient g̃_b
+    with respect to the bucket logits carries to the vocabulary by the chain rule: an id column
+    gets g̃_id, a tail column v gets (Q_v / Q_tail)·g̃_tail (``"renormalize"``: 0). The CE and its
+    gradient softmax(z_s) − onehot(y) are over the full row, as in the dense loss.
+
+    Work per row: one gather of the k id logits, one pass over the row for
+    :class:`TailStatistics`, the (k+1)-wide bucket math, one pass writing the dense dlogits, and
+    a scatter of the k id columns into them.
+
+    Args:
+      student_logits: (R, V) float32 z_s. ids: (R, k) int32 in [0, V), distinct within each
+        valid row. logprobs: (R, k) float32 log P of those ids (−inf allowed: probability 0).
+      labels: (R,) int32 in [0, V), negative = ignored row (zeros everywhere).
+      hyper: :class:`Hyper`. divergence: as for :func:`soft_rows_and_dlogits`.
+      tail: ``"bucket"`` or ``"renormalize"``. dlogits_dtype: the dlogits' dtype.
+      with_dlogits: False computes the losses only (no write pass).
+      passes: the two full-row passes (:class:`TailPasses`).
+
+    Returns:
+      ``(soft_rows (R,) f32, hard_rows (R,) f32, dlogits (R, V) dlogits_dtype or None)``.
+    """
+    if tail not in TOPK_TAILS:
+        raise ValueError(f"`tail` must be one of {TOPK_TAILS}, got {tail!r}")
+    inv_t = hyper.inv_temperature
+    valid = labels >= 0
+    row = jnp.arange(student_logits.shape[0], dtype=jnp.int32)[:, None]
+    z_ids = jnp.take_along_axis(student_logits, ids, axis=-1)  # (R, k)
+    label_logits = jnp.take_along_axis(student_logits, jnp.maximum(labels, 0)[:, None], axis=-1)[:, 0]
+    z_tail = student_logits.at[row, ids].set(-jnp.inf, mode="promise_in_bounds")
+    tail_stats = passes.statistics(z_tail, inv_t)
+
+    max_s = jnp.maximum(tail_stats.max, jnp.max(z_ids, axis=-1))
+    max_s0, max_tail0 = _finite_or_zero(max_s), _finite_or_zero(tail_stats.max)
+    sum_u = tail_stats.sum_u * jnp.exp(max_tail0 - max_s0) + jnp.sum(jnp.exp(z_ids - max_s0[:, None]), axis=-1)
+    log_sum_u = jnp.log(sum_u)
+    hard = max_s + log_sum_u - label_logits
+
+    # Bucket logits, tempered and relative to the row maximum (softmax-normalized by the row math).
+    student_buckets = (z_ids - max_s0[:, None]) * inv_t
+    teacher_buckets = logprobs.astype(jnp.float32)
+    has_tail = tail_stats.sum_q > 0.0
+    log_sum_tail = jnp.log(jnp.where(has_tail, tail_stats.sum_q, 1.0))
+    if tail == "bucket":
+        log_q_tail = jnp.where(has_tail, (max_tail0 - max_s0) * inv_t + log_sum_tail, -jnp.inf)
+        log_p_tail = jnp.log1p(-jnp.minimum(jnp.sum(jnp.exp(teacher_buckets), axis=-1), 1.0))
+        student_buckets = jnp.concatenate([student_buckets, log_q_tail[:, None]], axis=-1)
+        teacher_buckets = jnp.concatenate([teacher_buckets, log_p_tail[:, None]], axis=-1)
+    one = jnp.ones((), jnp.float32)
+    bucket_hyper = Hyper(hyper.beta, hyper.one_minus_beta, one, one, jnp.zeros((), jnp.float32), one)
+    chunk = chunk_logits_xla(student_buckets, teacher_buckets, one)
+    bucket_labels = jnp.where(valid, 0, -1)
+    soft, _, bucket_grad = soft_rows_and_dlogits(
+        chunk,
+        combine_partials(chunk.partials, one),
+        bucket_labels,
+        jnp.zeros_like(hard),
+        bucket_hyper,
+        divergence=divergence,
+        dlogits_dtype=jnp.float32,
+        with_dlogits=with_dlogits,
+    )
+    zero_rows = jnp.zeros_like(hard)
+    hard = jnp.where(valid, hard, zero_rows)
+    if not with_dlogits:
+        return soft, hard, None
+
+    k = ids.shape[-1]
+    soft_scale = jnp.where(valid, hyper.scale * hyper.soft_weight * inv_t, 0.0)
+    hard_scale = jnp.where(valid, hyper.scale * hyper.hard_weight, 0.0)
+    tail_soft = soft_scale * bucket_grad[:, k] if tail == "bucket" else zero_rows
+    coefficients = TailCoefficients(
+        max_tail=max_tail0,
+        log_sum_tail=log_sum_tail,
+        soft=jnp.where(has_tail, tail_soft, 0.0),
+        max_s=max_s0,
+        log_sum_u=jnp.where(valid, log_sum_u, 0.0),
+        hard=hard_scale,
+    )
+    dense = passes.dlogits(z_tail, labels, inv_t, coefficients, dlogits_dtype)
+    softmax_ids = jnp.exp(z_ids - max_s0[:, None] - coefficients.log_sum_u[:, None])
+    onehot_ids = (ids == labels[:, None]).astype(jnp.float32)
+    id_values = soft_scale[:, None] * bucket_grad[:, :k] + hard_scale[:, None] * (softmax_ids - onehot_ids)
+    id_values = jnp.where(valid[:, None], id_values, 0.0).astype(dlogits_dtype)
+    return soft, hard, dense.at[row, ids].set(id_values, mode="promise_in_bounds")

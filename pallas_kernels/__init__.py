@@ -15,6 +15,7 @@ from pallas_kernels.logits_partials import (
     default_logits_kernel_config,
     logits_and_partials_pallas,
 )
+from pallas_kernels.tail_rows import tail_dlogits_pallas, tail_statistics_pallas
 
 __all__ = [
     "ChunkLogits",
@@ -25,4 +26,6 @@ __all__ = [
     "default_row_kernel_config",
     "distill_rows_pallas",
     "logits_and_partials_pallas",
+    "tail_dlogits_pallas",
+    "tail_statistics_pallas",
 ]

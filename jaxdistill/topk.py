@@ -1,0 +1,300 @@
+"""Distillation from an offline teacher: cached top-k log-probs instead of a teacher head.
+
+Running the teacher once over the corpus and keeping its k most likely next tokens per position
+makes every later training step cost the student's three matmuls only.
+
+* :func:`teacher_topk` makes the cache: the ids and log-probs of the k largest entries of
+  softmax(z_t/T), chunked over the rows like the loss (no (N, V) buffer).
+* :func:`fused_linear_topk_distill_loss` trains against it: the fused loss's own chunked
+  ``custom_vjp`` driver (:mod:`jaxdistill.fused`) with the top-k row stage of
+  :func:`jaxdistill.rowmath.topk_rows_and_dlogits` in place of the teacher head.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from jaxdistill import fused, rowmath
+from jaxdistill._validate import concrete_float, validate_and_flatten, weight_sizes
+
+
+class TopK(NamedTuple):
+    """A top-k teacher cache: ``ids`` (..., k) int32 and ``logprobs`` (..., k) float32, descending."""
+
+    ids: jax.Array
+    logprobs: jax.Array
+
+
+def _positive_int(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+        raise TypeError(f"`{name}` must be a positive int, got {type(value).__name__} {value!r}")
+    if value < 1:
+        raise ValueError(f"`{name}` must be a positive int, got {value}")
+    return int(value)
+
+
+def _check_k(k: int, vocab_size: int, name: str) -> int:
+    k = _positive_int(k, name)
+    if k > vocab_size:
+        raise ValueError(f"`{name}` = {k} exceeds the vocabulary size {vocab_size}")
+    return k
+
+
+def _chunk_topk(hidden, weight, bias, layout, inv_t, k):
+    """(C, H) rows → their top-k of log softmax(z/T): ((C, k) int32 ids, (C, k) float32 log-probs)."""
+    z = fused._logits(hidden, weight, bias, layout) * inv_t
+    row_max = jnp.max(z, axis=-1, keepdims=True)
+    log_normalizer = row_max + jnp.log(jnp.sum(jnp.exp(z - row_max), axis=-1, keepdims=True))
+    values, ids = lax.top_k(z, k)
+    return ids.astype(jnp.int32), values - log_normalizer
+
+
+def teacher_topk(
+    teacher_hidden,
+    teacher_weight,
+    k,
+    *,
+    teacher_bias=None,
+    temperature=1.0,
+    weight_layout="hv",
+    chunk_size=None,
+) -> TopK:
+    """The k most likely tokens of a teacher head and their log-probabilities, chunked over rows.
+
+    With z_t = x_t W_t + b_t and P = softmax(z_t / T) over the full vocabulary, returns the k
+    largest P per row, in descending order (ties in ``lax.top_k``'s order), as ids and log P.
+    The rows are processed ``chunk_size`` at a time under one ``lax.scan``: only one chunk of
+    logits is ever alive. Works under ``jit``; the result carries no gradient.
+
+    Args:
+      teacher_hidden: (..., H) floating. teacher_weight: (H, V), or (V, H) with
+        ``weight_layout="vh"``. k: 1 ≤ k ≤ V. teacher_bias: optional (V,).
+      temperature: T > 0 (float or traced scalar); the cache is then made at the distillation
+        temperature, as :func:`fused_linear_topk_distill_loss` expects.
+      chunk_size: rows per chunk; None → :func:`jaxdistill.fused.default_chunk_size`.
+
+    Returns:
+      :class:`TopK` of (..., k) int32 ids and (..., k) float32 log-probs.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> h, w = jnp.ones((2, 3, 8)), jax.random.normal(jax.random.key(0), (8, 50))
+      >>> cache = teacher_topk(h, w, 4)
+      >>> cache.ids.shape, cache.logprobs.dtype
+      ((2, 3, 4), dtype('float32'))
+    """
+    hidden, vocab = weight_sizes(teacher_weight, weight_layout, "teacher_weight")
+    if jnp.ndim(teacher_hidden) < 1 or jnp.shape(teacher_hidden)[-1] != hidden:
+        raise ValueError(
+            f"`teacher_hidden` must have shape (..., {hidden}) to match `teacher_weight` "
+            f"{jnp.shape(teacher_weight)} read as {weight_layout!r}, got {jnp.shape(teacher_hidden)}"
+        )
+    if not jnp.issubdtype(jnp.result_type(teacher_hidden), jnp.floating):
+        raise TypeError(f"`teacher_hidden` must be floating, got {jnp.result_type(teacher_hidden)}")
+    if teacher_bias is not None and jnp.shape(teacher_bias) != (vocab,):
+        raise ValueError(f"`teacher_bias` must have shape ({vocab},), got {jnp.shape(teacher_bias)}")
+    k = _check_k(k, vocab, "k")
+    t = concrete_float(temperature, "temperature")
+    if t is not None and not 0.0 < t < float("inf"):
+        raise ValueError(f"`temperature` must be finite and > 0, got {t}")
+    chunk_size = fused.default_chunk_size(vocab) if chunk_size is None else _positive_int(chunk_size, "chunk_size")
+    lead = jnp.shape(teacher_hidden)[:-1]
+    rows = jnp.reshape(teacher_hidden, (-1, hidden))
+    n_rows = rows.shape[0]
+    chunk = max(1, min(chunk_size, n_rows))
+    inv_t = 1.0 / jnp.asarray(temperature, jnp.float32)
+
+    def body(_, x):
+        return None, _chunk_topk(x, teacher_weight, teacher_bias, weight_layout, inv_t, k)
+
+    _, (ids, logprobs) = lax.scan(body, None, fused._chunked(rows, chunk, 0))
+    ids, logprobs = (jnp.reshape(a, (-1, k))[:n_rows].reshape(lead + (k,)) for a in (ids, logprobs))
+    return TopK(lax.stop_gradient(ids), lax.stop_gradient(logprobs))
+
+
+def _check_teacher_cache(teacher_ids, teacher_logprobs, lead, vocab_size):
+    """Shapes and dtypes of the cache; returns k."""
+    for name, x in (("teacher_ids", teacher_ids), ("teacher_logprobs", teacher_logprobs)):
+        if not isinstance(x, jax.Array | np.ndarray | np.generic):
+            raise TypeError(f"`{name}` must be an array (jax.Array or numpy.ndarray), got {type(x).__name__}")
+    if not jnp.issubdtype(teacher_ids.dtype, jnp.integer):
+        raise TypeError(f"`teacher_ids` must be an integer array, got dtype {teacher_ids.dtype}")
+    if not jnp.issubdtype(teacher_logprobs.dtype, jnp.floating):
+        raise TypeError(f"`teacher_logprobs` must be floating, got dtype {teacher_logprobs.dtype}")
+    if teacher_ids.ndim != len(lead) + 1 or teacher_ids.shape[:-1] != lead:
+        raise ValueError(
+            f"`teacher_ids` must have shape {lead} + (k,) (the hidden states' leading dims), got {teacher_ids.shape}"
+        )
+    if teacher_logprobs.shape != teacher_ids.shape:
+        raise ValueError(
+            f"`teacher_logprobs` shape {teacher_logprobs.shape} must equal `teacher_ids` shape {teacher_ids.shape}"
+        )
+    return _check_k(teacher_ids.shape[-1], vocab_size, "teacher_ids.shape[-1] (k)")
+
+
+def _narrow_ids(ids, n_rows: int, k: int, vocab_size: int):
+    """(N, k) int32 ids clipped to [−1, V] in their own dtype (no wrap-around when narrowed)."""
+    xp = np if isinstance(ids, np.ndarray | np.generic) else jnp
+    info = np.iinfo(ids.dtype)
+    flat = xp.reshape(ids, (n_rows, k))
+    return jnp.asarray(xp.clip(flat, max(-1, int(info.min)), min(vocab_size, int(info.max))).astype(np.int32))
+
+
+def _is_concrete(*arrays) -> bool:
+    return not any(isinstance(a, jax.core.Tracer) for a in arrays)
+
+
+def _check_distinct(ids, valid) -> None:
+    """Raise when a valid row of concrete ids repeats an id."""
+    ids, valid = np.asarray(ids), np.asarray(valid)
+    ordered = np.sort(ids[valid], axis=-1)
+    repeated = np.any(ordered[:, 1:] == ordered[:, :-1], axis=-1)
+    if repeated.any():
+        row = int(np.flatnonzero(valid)[np.argmax(repeated)])
+        raise ValueError(
+            f"`teacher_ids` repeats an id within a row ({int(repeated.sum())} valid rows, the first is flat row "
+            f"{row}: {ids[row].tolist()}); each row must hold k distinct ids"
+        )
+
+
+def fused_linear_topk_distill_loss(
+    student_hidden,
+    student_weight,
+    teacher_ids,
+    teacher_logprobs,
+    labels,
+    *,
+    student_bias=None,
+    beta=0.0,
+    temperature=1.0,
+    soft_weight=1.0,
+    hard_weight=0.0,
+    tail="bucket",
+    ignore_index=-100,
+    where=None,
+    reduction="mean",
+    chunk_size=None,
+    axis_name=None,
+    implementation=None,
+    kernel_config=None,
+    student_weight_layout="hv",
+    return_aux=False,
+):
+    """Distillation loss of a student LM head against a cached top-k teacher, fused and chunked.
+
+    With z_s = x_s W_s + b_s, Q = softmax(z_s/T) over the full vocabulary, and the teacher's
+    cached P_i = exp(teacher_logprobs_i) at its ids (made at the distillation temperature, e.g.
+    by :func:`teacher_topk`, and taken as given), the per-token loss is
+
+        ℓ = soft_weight · JSD_β(P̃ ‖ Q̃) + hard_weight · CE,   CE = −log softmax(z_s)[y],
+
+    where, for ``tail="bucket"``, P̃ = (P_1 … P_k, 1 − Σ P_i) and Q̃ = (Q_{id_1} … Q_{id_k},
+    Σ_{v ∉ ids} Q_v) are distributions over k + 1 buckets (the student's tail is summed over the
+    tail columns, never formed as 1 − Σ Q_ids; the teacher's is 1 − Σ P_i, floored at 0), and for
+    ``tail="renormalize"``, P̃ = P_ids / Σ P_ids and Q̃ = Q_ids / Σ Q_ids. JSD_β, its endpoints
+    (β = 0: KL(P̃‖Q̃), β = 1: KL(Q̃‖P̃)), its β-accuracy and the reductions are those of
+    :func:`jaxdistill.fused_linear_jsd_loss`; "bucket" with k = V equals the dense forward loss.
+
+    The student side is the dense loss's driver: chunked over tokens, the gradients for
+    ``student_hidden``, ``student_weight`` and ``student_bias`` computed in the forward pass. No
+    teacher matmul runs. The dlogits are dense over V (the CE, and the bucket tail's
+    Q_v·(…) term) plus the k id columns.
+
+    Args:
+      student_hidden: (..., H) floating. student_weight: (H, V), or (V, H) with
+        ``student_weight_layout="vh"``. student_bias: optional (V,).
+      teacher_ids: (..., k) integer ids (any integer dtype), distinct within each valid row,
+        1 ≤ k ≤ V. A valid row with an id outside [0, V) makes the loss NaN. Repeated ids in a
+        valid row raise ValueError when the ids and the validity mask are concrete; traced, they
+        make the loss NaN. Ignored rows' ids and log-probs are never read.
+      teacher_logprobs: (..., k) floating log P of those ids (−inf: probability 0).
+      labels: (...) integer next-token ids, as for the dense loss.
+      beta, temperature, soft_weight, hard_weight, ignore_index, where, reduction, chunk_size,
+        axis_name, student_weight_layout, return_aux: as for :func:`jaxdistill.fused_linear_jsd_loss`
+        (β defaults to 0, forward KL; T divides the student's logits only).
+      tail: ``"bucket"`` or ``"renormalize"``.
+      implementation: None (``"pallas"`` on a GPU, ``"xla"`` elsewhere), ``"xla"`` or ``"pallas"``
+        (the row's two passes in :mod:`pallas_kernels.tail_rows`; interpret mode off the GPU).
+      kernel_config: optional :class:`pallas_kernels.RowKernelConfig` of those kernels
+        (``"pallas"`` only).
+
+    Returns:
+      The float32 scalar loss, or ``(loss, aux)`` with ``soft_loss``, ``hard_loss`` and
+      ``num_valid_tokens``, as for the dense loss. The teacher cache gets zero gradients;
+      gradients w.r.t. ``soft_weight``/``hard_weight`` are exact, w.r.t. β and T NaN.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from jaxdistill import fused_linear_topk_distill_loss, teacher_topk
+      >>> k = jax.random.split(jax.random.key(0), 5)
+      >>> xs, ws = jax.random.normal(k[0], (2, 8, 16)), jax.random.normal(k[1], (16, 100)) / 4
+      >>> xt, wt = jax.random.normal(k[2], (2, 8, 32)), jax.random.normal(k[3], (32, 100)) / 4
+      >>> y = jax.random.randint(k[4], (2, 8), 0, 100)
+      >>> cache = teacher_topk(xt, wt, 10, temperature=2.0)
+      >>> loss, grad_w = jax.value_and_grad(fused_linear_topk_distill_loss, argnums=1)(
+      ...     xs, ws, cache.ids, cache.logprobs, y, temperature=2.0, hard_weight=0.5)
+      >>> grad_w.shape
+      (16, 100)
+    """
+    if tail not in rowmath.TOPK_TAILS:
+        raise ValueError(f"`tail` must be one of {rowmath.TOPK_TAILS}, got {tail!r}")
+    a = validate_and_flatten(
+        student_hidden,
+        student_weight,
+        None,
+        None,
+        labels,
+        student_bias=student_bias,
+        teacher_bias=None,
+        beta=beta,
+        temperature=temperature,
+        soft_weight=soft_weight,
+        hard_weight=hard_weight,
+        ignore_index=ignore_index,
+        where=where,
+        reduction=reduction,
+        return_aux=return_aux,
+        student_weight_layout=student_weight_layout,
+    )
+    vocab = a.vocab_size
+    lead = jnp.shape(student_hidden)[:-1]
+    k = _check_teacher_cache(teacher_ids, teacher_logprobs, lead, vocab)
+    n_rows = a.labels.shape[0]
+    ids = _narrow_ids(teacher_ids, n_rows, k, vocab)
+    if _is_concrete(ids, a.valid):
+        _check_distinct(ids, a.valid)
+    ordered = jnp.sort(ids, axis=-1)
+    repeated = jnp.any(ordered[:, 1:] == ordered[:, :-1], axis=-1)
+    out_of_range = jnp.any((ids < 0) | (ids >= vocab), axis=-1)
+    bad_teacher = jnp.any(a.valid & (repeated | out_of_range))
+    # Ignored rows are never read: give them distinct in-range ids and finite log-probs.
+    ids = jnp.where(a.valid[:, None], jnp.clip(ids, 0, vocab - 1), jnp.arange(k, dtype=jnp.int32))
+    logprobs = jnp.reshape(jnp.asarray(teacher_logprobs), (n_rows, k)).astype(jnp.float32)
+    logprobs = jnp.where(a.valid[:, None], logprobs, 0.0)
+
+    requested, implementation = implementation, fused.resolve_implementation(implementation)
+    fused.check_kernel_config(kernel_config, implementation, requested=requested)
+    plan = fused.FusedPlan(
+        chunk_size=fused.default_chunk_size(vocab) if chunk_size is None else chunk_size,
+        implementation=implementation,
+        divergence=fused.divergence_of(beta),
+        kernel_config=kernel_config,
+        interpret=jax.default_backend() != "gpu",
+        student_weight_layout=student_weight_layout,
+        teacher=tail,
+    )
+    _, denominator = a.count_and_denominator(reduction=reduction, axis_name=axis_name)
+    hyper = fused._hyper(beta, temperature, soft_weight, hard_weight, 1.0 / denominator)
+    total, soft_sum, hard_sum = fused._fused_sums(
+        plan, a.student_hidden, student_weight, student_bias, (ids, logprobs), (), a.row_labels(), hyper
+    )
+    a = dataclasses.replace(a, bad_teacher=bad_teacher)
+    return a.reduce(
+        total, soft_sum, hard_sum, reduction=reduction, axis_name=axis_name, return_aux=return_aux, prescaled=True
+    )
