@@ -6,6 +6,7 @@ Usage::
     python -m bench --preset llama:2048,8192,32768 gemma:8192 llama:65536 \\
         --impl matmul-floor matmul-floor-chunked xla pallas reference liger \\
         --beta 0 0.5 1 --time-budget 540 --out $OUT                  # H200
+    python -m bench --preset llama:8192 --impl xla pallas topk --out $OUT   # + the top-k rows
     python -m bench --replot --out $OUT                             # table and plots again
 
 ``--preset NAME[:N,N,...]`` (repeatable in one list) picks a teacher/student pair (``--help``
@@ -16,9 +17,18 @@ panels). ``--impl`` chooses among ``matmul-floor`` (the four matmuls alone),
 ``matmul-floor-chunked`` (the same four inside the fused path's scan over chunks, no loss math),
 ``xla`` and ``pallas`` (:func:`jaxdistill.fused_linear_jsd_loss`), ``reference`` (materialized
 logits + autodiff) and ``liger`` (Liger-Kernel's LigerFusedLinearJSDLoss through torch; a
-``skipped`` row where torch or liger-kernel is missing). All get the same inputs and β, T,
-soft/hard weights. Off a GPU, ``pallas`` runs the kernel in Pallas interpret mode (an
-emulation: its rows say ``interpret`` and their times are not the kernel's).
+``skipped`` row where torch or liger-kernel is missing) — these six by default — and the
+offline-teacher rows, selected by name or all at once with ``--impl topk``:
+``matmul-floor-student`` (the student's three matmuls in the scan over chunks),
+``matmul-teacher-logits`` (the teacher's logits matmul alone, in the same scan),
+``teacher-topk`` (:func:`jaxdistill.teacher_topk` at k = 64) and ``topk-k=K-xla`` /
+``topk-k=K-pallas`` for K in 16, 64, 256 (:func:`jaxdistill.fused_linear_topk_distill_loss`
+against a cache made by ``teacher_topk`` from the same teacher, outside the timed calls). The
+table's ``× own floor`` column and its "Top-k targets" lines give topk-k=64 over
+matmul-floor-student and teacher-topk over matmul-teacher-logits. All get the same inputs and
+β, T, soft/hard weights. Off a GPU, ``pallas`` and ``topk-k=K-pallas`` run their kernels in
+Pallas interpret mode (an emulation: their rows say ``interpret`` and their times are not the
+kernels').
 
 Every case runs in a fresh worker process (:mod:`bench.suite`), so that its peak device memory
 is its own and an out-of-memory or a crash is one row. ``--time-budget`` stops starting cases
@@ -53,11 +63,15 @@ from tqdm import tqdm
 
 from bench import common, report
 from bench.cases import (
-    FLOOR_IMPLEMENTATIONS,
+    ALL_IMPLEMENTATIONS,
+    BETA_FREE_IMPLEMENTATIONS,
+    IMPLEMENTATION_GROUPS,
     IMPLEMENTATIONS,
     PRESETS,
+    TOPK_IMPLEMENTATIONS,
     Case,
     Problem,
+    expand_implementations,
     is_oom,
     liger_missing_reason,
     presets_help,
@@ -103,10 +117,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--impl",
         nargs="+",
-        choices=IMPLEMENTATIONS,
+        choices=ALL_IMPLEMENTATIONS + tuple(IMPLEMENTATION_GROUPS),
         default=list(IMPLEMENTATIONS),
         metavar="IMPL",
-        help=f"implementations, run in this order: {', '.join(IMPLEMENTATIONS)} (default: all)",
+        help=f"implementations, run in this order: {', '.join(ALL_IMPLEMENTATIONS)}; `topk` stands for the "
+        f"{len(TOPK_IMPLEMENTATIONS)} offline-teacher rows from {TOPK_IMPLEMENTATIONS[0]} on "
+        f"(default: the six dense ones, {', '.join(IMPLEMENTATIONS)}; no top-k row)",
     )
     parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16", help="inputs' dtype")
     parser.add_argument(
@@ -146,12 +162,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def build_cases(args) -> list[Case]:
     """Cases in run order: for each β (as given), presets and N as given, within each problem the
-    implementations in canonical order.
+    implementations in canonical order (``--impl`` groups such as ``topk`` expanded).
 
-    The matmul floors go first in each problem so that later rows can report their ratio to them;
-    the cases of one problem are consecutive (the float32 oracle is kept for one problem at a time).
+    The matmul floors go first in each problem (the top-k floors first among the top-k rows) so
+    that later rows can report their ratio to them; the cases of one problem are consecutive (the
+    float32 oracle is kept for one problem at a time).
     """
-    impls = [impl for impl in IMPLEMENTATIONS if impl in args.impl]
+    impls = expand_implementations(args.impl)
     cases = []
     for beta, name, sizes in ((b, *p) for b in dict.fromkeys(args.beta) for p in args.preset):
         preset = PRESETS[name]
@@ -208,10 +225,10 @@ class Runner:
 
     def worker_env(self, case: Case) -> dict:
         """The environment of the case's worker: with the run-wide compilation cache, except for
-        the floors. Their programs do not depend on β, T or the loss weights, so with the cache the
-        floor of every β after the first would load the first one's executable and report no
-        compile time; they need no oracle, so the cache would save them nothing else."""
-        return self.env if case.impl in FLOOR_IMPLEMENTATIONS else {**self.env, **self.cache_env}
+        the floors and ``teacher-topk``. Their programs do not depend on β or the loss weights, so
+        with the cache the row of every β after the first would load the first one's executable
+        and report no compile time; they need no oracle, so the cache would save them nothing else."""
+        return self.env if case.impl in BETA_FREE_IMPLEMENTATIONS else {**self.env, **self.cache_env}
 
     def remaining(self) -> float | None:
         return None if self.deadline is None else self.deadline - time.monotonic()
@@ -285,14 +302,18 @@ def case_name(case: Case) -> str:
 
 def summary_line(row: dict) -> str:
     config = row["config"]
-    head = f"{config['preset']:>6} N={config['n']:<6} β={config['beta']:<4g} {row['impl']:<20}"
+    head = f"{config['preset']:>6} N={config['n']:<6} β={config['beta']:<4g} {row['impl']:<21}"
     if row["status"] != "ok":
         return f"{head} {row['status']}: {(row.get('reason') or '')[:150]}"
-    ratio = row.get("ratio_to_floor")
+    ratio, own = row.get("ratio_to_floor"), row.get("ratio_to_own_floor")
     extra = row["memory"].get("extra_bytes")
+    fwd = row.get("fwd_ms")
     return (
-        f"{head} vg {row['vg_ms']['median']:9.3f} ms  fwd {row['fwd_ms']['median']:9.3f} ms"
+        f"{head} vg {row['vg_ms']['median']:9.3f} ms  fwd "
+        + ("        -" if fwd is None else f"{fwd['median']:9.3f}")
+        + " ms"
         + (f"  ×floor {ratio:.2f}" if ratio else "")
+        + (f"  ×own floor {own:.2f}" if own else "")
         + (f"  +peak {extra / 1e9:.2f} GB" if extra is not None else "")
         + (f"  grad_W err {row['errors']['grad_w_rel']:.1e}" if "grad_w_rel" in row.get("errors", {}) else "")
     )
@@ -355,6 +376,7 @@ def run_cases(cases: list[Case], runner: Runner, out_dir: Path, meta: dict) -> b
             row["ratio_to_chunked_floor"] = report.ratio_to_floor(
                 row, report.floor_medians(rows + [row], impl="matmul-floor-chunked")
             )
+            row["ratio_to_own_floor"] = report.ratio_to_own_floor(row, report.own_floors(rows + [row]))
             rows.append(row)
             report.append_row(out_dir, row)
             (out_dir / report.TABLE_FILE).write_text(report.markdown(rows))

@@ -12,6 +12,68 @@ IMPLEMENTATIONS = ("matmul-floor", "matmul-floor-chunked", "xla", "pallas", "ref
 FLOOR_IMPLEMENTATIONS = ("matmul-floor", "matmul-floor-chunked")
 IGNORE_INDEX = -100
 
+# The offline (cached top-k) teacher: the top-k loss at each k, on both implementations, its floor
+# (the student's three matmuls alone), and the cache's maker next to its floor (the teacher's
+# logits matmul alone). ``--impl topk`` selects them all, floors first.
+TOPK_KS = (16, 64, 256)
+TOPK_TEACHER_K = 64  # k of the ``teacher-topk`` row
+STUDENT_FLOOR, TEACHER_FLOOR, TEACHER_TOPK = "matmul-floor-student", "matmul-teacher-logits", "teacher-topk"
+TOPK_LOSS_IMPLEMENTATIONS = tuple(f"topk-k={k}-{impl}" for k in TOPK_KS for impl in ("xla", "pallas"))
+TOPK_IMPLEMENTATIONS = (STUDENT_FLOOR, TEACHER_FLOOR, TEACHER_TOPK) + TOPK_LOSS_IMPLEMENTATIONS
+ALL_IMPLEMENTATIONS = IMPLEMENTATIONS + TOPK_IMPLEMENTATIONS
+IMPLEMENTATION_GROUPS = {"topk": TOPK_IMPLEMENTATIONS}  # names --impl expands
+# Programs that do not depend on β or the loss weights: they compile outside the run-wide cache.
+BETA_FREE_IMPLEMENTATIONS = FLOOR_IMPLEMENTATIONS + (STUDENT_FLOOR, TEACHER_FLOOR, TEACHER_TOPK)
+# Rows without gradients: their time ("vg") is the call's, and they have no separate forward.
+NO_GRADIENT_IMPLEMENTATIONS = (TEACHER_FLOOR, TEACHER_TOPK)
+# The acceptance targets of the top-k rows: (row, its floor, the largest ratio of their medians).
+TOPK_TARGETS = (
+    *((f"topk-k={TOPK_TEACHER_K}-{impl}", STUDENT_FLOOR, 1.15) for impl in ("xla", "pallas")),
+    (TEACHER_TOPK, TEACHER_FLOOR, 1.1),
+)
+
+
+def expand_implementations(names) -> list[str]:
+    """``--impl`` names (implementations or groups, e.g. ``topk``) → implementations in run order."""
+    chosen = {impl for name in names for impl in IMPLEMENTATION_GROUPS.get(name, (name,))}
+    return [impl for impl in ALL_IMPLEMENTATIONS if impl in chosen]
+
+
+def topk_of(impl: str) -> int | None:
+    """k of a ``topk-k=K-IMPL`` row, or None."""
+    if impl not in TOPK_LOSS_IMPLEMENTATIONS:
+        return None
+    return int(impl.removeprefix("topk-k=").split("-")[0])
+
+
+def library_implementation(impl: str) -> str | None:
+    """The ``implementation=`` a row passes to jaxdistill ("xla" or "pallas"), or None (no loss)."""
+    if impl in ("xla", "pallas"):
+        return impl
+    if impl in TOPK_LOSS_IMPLEMENTATIONS:
+        return impl.rsplit("-", 1)[1]
+    return None
+
+
+def own_floor(impl: str) -> str | None:
+    """The floor a top-k row is reported against ("× own floor"): the student's three matmuls for
+    the top-k losses (and that floor itself), the teacher's logits matmul for ``teacher-topk``."""
+    if impl in TOPK_LOSS_IMPLEMENTATIONS or impl == STUDENT_FLOOR:
+        return STUDENT_FLOOR
+    if impl in (TEACHER_TOPK, TEACHER_FLOOR):
+        return TEACHER_FLOOR
+    return None
+
+
+def matmul_heads(impl: str) -> tuple[int, int]:
+    """(teacher, student) matmuls over (N, V) of a row: (1, 3) for the dense rows (logits of both
+    heads, grad_x, grad_W), (0, 3) for the student-only rows, (1, 0) for the teacher-only ones."""
+    if impl in TOPK_LOSS_IMPLEMENTATIONS or impl == STUDENT_FLOOR:
+        return 0, 3
+    if impl in NO_GRADIENT_IMPLEMENTATIONS:
+        return 1, 0
+    return 1, 3
+
 
 @dataclasses.dataclass(frozen=True)
 class Preset:
@@ -64,9 +126,11 @@ class Problem:
     chunk_size: int | None = None
     seed: int = 0
 
-    def flops(self) -> int:
-        """2·N·V·(Ht + 3·Hs): teacher logits, student logits, grad_x and grad_W."""
-        return 2 * self.n * self.vocab * (self.hidden_teacher + 3 * self.hidden_student)
+    def flops(self, impl: str = "xla") -> int:
+        """2·N·V·(Ht + 3·Hs): teacher logits, student logits, grad_x and grad_W (the dense rows);
+        2·N·V·3·Hs for the student-only rows, 2·N·V·Ht for the teacher-only ones (:func:`matmul_heads`)."""
+        teacher, student = matmul_heads(impl)
+        return 2 * self.n * self.vocab * (teacher * self.hidden_teacher + student * self.hidden_student)
 
     def key(self) -> str:
         """A short name of the whole problem (shapes, inputs and hyper-parameters), for file names."""

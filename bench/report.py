@@ -6,6 +6,8 @@ import json
 import math
 from pathlib import Path
 
+from bench.cases import STUDENT_FLOOR, TEACHER_FLOOR, TOPK_TARGETS, own_floor
+
 ROWS_FILE = "rows.jsonl"
 TABLE_FILE = "results.md"
 TIME_PLOT_FILE = "time.png"
@@ -41,6 +43,34 @@ def ratio_to_floor(row: dict, floors: dict[str, float]) -> float | None:
     if row["status"] != "ok" or floor is None:
         return None
     return row["vg_ms"]["median"] / floor
+
+
+def own_floors(rows: list[dict]) -> dict[str, dict[str, float]]:
+    """:func:`floor_medians` of each floor a top-k row is reported against (:func:`bench.cases.own_floor`)."""
+    return {impl: floor_medians(rows, impl=impl) for impl in (STUDENT_FLOOR, TEACHER_FLOOR)}
+
+
+def ratio_to_own_floor(row: dict, floors: dict[str, dict[str, float]]) -> float | None:
+    """A top-k row's median over its own floor's (``floors``: :func:`own_floors`), or None."""
+    floor = own_floor(row["impl"])
+    return None if floor is None else ratio_to_floor(row, floors[floor])
+
+
+def target_lines(rows: list[dict]) -> list[str]:
+    """The top-k acceptance ratios found in ``rows`` (one setting's section), one line each:
+    ``topk-k=64-*`` over ``matmul-floor-student`` and ``teacher-topk`` over ``matmul-teacher-logits``."""
+    lines = []
+    for impl, floor, limit in TOPK_TARGETS:
+        floors = floor_medians(rows, impl=floor)
+        for row in rows:
+            if row["impl"] == impl and (ratio := ratio_to_floor(row, floors)) is not None:
+                verdict = "met" if ratio <= limit else "not met"
+                config = row["config"]
+                lines.append(
+                    f"- {config['preset']}, N = {config['n']}: {impl_label(row)} / {floor} = {ratio:.3f} "
+                    f"(target ≤ {limit:g}: {verdict})"
+                )
+    return lines
 
 
 # Config fields that make a problem's shape (the rows of one table section and the points of one
@@ -86,6 +116,7 @@ COLUMNS = (
     "fwd ms",
     "× floor",
     "× chunked",
+    "× own floor",
     "TFLOP/s",
     "Mtok/s",
     "compile s",
@@ -98,19 +129,22 @@ COLUMNS = (
 )
 
 
-def table_row(row: dict, floors: dict[str, float], chunked_floors: dict[str, float]) -> list[str]:
+def table_row(
+    row: dict, floors: dict[str, float], chunked_floors: dict[str, float], top_floors: dict[str, dict[str, float]]
+) -> list[str]:
     config, memory, errors = row["config"], row.get("memory", {}), row.get("errors", {})
     base = [config["preset"], str(config["n"]), impl_label(row)]
     if row["status"] != "ok":
         reason = (row.get("reason") or "").replace("|", "/").replace("\n", " ")[:120]
         return base + [f"{row['status']}: {reason}" if reason else row["status"]] + [""] * (len(COLUMNS) - 4)
-    vg, fwd = row["vg_ms"], row["fwd_ms"]
+    vg, fwd = row["vg_ms"], row.get("fwd_ms")
     return base + [
         "ok",
         f"{vg['median']:.2f} ({vg['p10']:.2f}–{vg['p90']:.2f})",
-        f"{fwd['median']:.2f}",
+        "" if fwd is None else f"{fwd['median']:.2f}",
         _num(ratio_to_floor(row, floors), ".2f"),
         _num(ratio_to_floor(row, chunked_floors), ".2f"),
+        _num(ratio_to_own_floor(row, top_floors), ".2f"),
         _num(row.get("tflops"), ".0f" if row.get("tflops", 0) >= 10 else ".3f"),
         _num(row["tokens_per_s"] / 1e6, ".3f"),
         _num(row["compile_s"]["vg"], ".1f"),
@@ -129,6 +163,7 @@ def markdown(rows: list[dict]) -> str:
     if not rows:
         return "No rows.\n"
     floors, chunked_floors = floor_medians(rows), floor_medians(rows, impl="matmul-floor-chunked")
+    top_floors = own_floors(rows)
     envs = [r["env"] for r in rows if r.get("env", {}).get("device")]
     env = envs[0] if envs else {}
     lines = [
@@ -139,6 +174,15 @@ def markdown(rows: list[dict]) -> str:
         "TFLOP/s counts 2·N·V·(Ht+3·Hs); +peak = device memory the timed calls added on top of the inputs; "
         "errors are relative to the float32 reference on the same inputs.",
     ]
+    if any(own_floor(r["impl"]) for r in rows):
+        lines.append(
+            "Top-k rows (offline teacher): topk-k=K-IMPL = the top-k loss against a cache made beforehand by "
+            "teacher_topk at k = K; × own floor = vg / matmul-floor-student (the student's three matmuls in the "
+            "scan over chunks) for them, vg / matmul-teacher-logits (the teacher's logits matmul in the scan over "
+            "chunks) for teacher-topk (teacher_topk at k = 64); those two have no gradients: vg = the call, no "
+            "forward. TFLOP/s counts 2·N·V·3·Hs (student-only rows) or 2·N·V·Ht (teacher-only rows); the top-k "
+            "losses have no errors (the float32 reference is the dense loss's)."
+        )
     if any(r.get("interpret") for r in rows):
         lines.append(
             "(interpret) = the Pallas kernel ran in Pallas interpret mode (no GPU here): an emulation, "
@@ -158,7 +202,9 @@ def markdown(rows: list[dict]) -> str:
             "| " + " | ".join(COLUMNS) + " |",
             "|" + "|".join("---" for _ in COLUMNS) + "|",
         ]
-        lines += ["| " + " | ".join(table_row(r, floors, chunked_floors)) + " |" for r in section]
+        lines += ["| " + " | ".join(table_row(r, floors, chunked_floors, top_floors)) + " |" for r in section]
+        if targets := target_lines(section):
+            lines += ["", "Top-k targets (ratios of medians):", "", *targets]
     return "\n".join(lines) + "\n"
 
 

@@ -21,6 +21,20 @@ Implementations (all on the same inputs and hyper-parameters, generated from the
 * ``xla`` / ``pallas``: :func:`jaxdistill.fused_linear_jsd_loss` with that ``implementation``.
 * ``reference``: :func:`jaxdistill.reference.fused_linear_jsd_loss` (materialized logits,
   ``jax.value_and_grad``).
+* ``topk-k=K-xla`` / ``topk-k=K-pallas`` (``--impl topk``, K in 16, 64, 256):
+  :func:`jaxdistill.fused_linear_topk_distill_loss` with that ``implementation`` (bucket tail,
+  the problem's β, T and weights), value and gradients w.r.t. student hidden and weight, against
+  a teacher cache made outside the timed calls by :func:`jaxdistill.teacher_topk` at k = K from
+  the same teacher (hidden states and head) the dense rows read. The teacher's arrays are then
+  dropped: the case holds the student's, the cache and the labels.
+* ``matmul-floor-student``: the floor of the top-k rows, the student's three matmuls alone in the
+  same scan over chunks as ``matmul-floor-chunked``: per chunk z_s = x_s W_s, dZ = z_s cast to the
+  activation dtype, grad_x = dZ W_sᵀ, grad_W += x_sᵀ dZ. Its forward is the logits and a row maximum.
+* ``matmul-teacher-logits``: the floor of ``teacher-topk``, the teacher's logits matmul alone,
+  chunked the same way (a scan whose carry is the chunk's float32 logits, so that nothing but the
+  matmul runs; the output is the last chunk's logits). No gradients, no separate forward.
+* ``teacher-topk``: ``jax.jit`` of :func:`jaxdistill.teacher_topk` at k = 64 on the teacher
+  (chunked like the loss, at the problem's T). No gradients, no separate forward.
 * ``liger``: Liger-Kernel's ``LigerFusedLinearJSDLoss`` through torch (weights transposed to
   its (V, H) layout once, outside timing; inputs shared with JAX through DLPack). Same loss:
   ``weight_soft_loss``/``weight_hard_loss`` = our ``soft_weight``/``hard_weight``, both divide
@@ -34,12 +48,13 @@ compile seconds (trace + compile for JAX, cold: the driver's run-wide compilatio
 ever serves the input generator and the oracle; first call minus a steady call for torch), XLA's
 planned temporary bytes, the device memory the timed calls added on top of the inputs, and the
 relative error of the loss and of both student gradients against the float32 reference
-(``jax.default_matmul_precision("float32")``) on the same inputs, where that fits. The reference
+(``jax.default_matmul_precision("float32")``) on the same inputs, where that fits (the dense
+losses only: the reference is the dense loss's, not the top-k loss's). The reference
 of a problem is computed by the first worker that needs it and stored in ``Case.oracle_dir``
 for the others (the driver sets it), so it runs once per problem, not once per implementation.
 
-``interpret`` in a row: the Pallas kernel ran in Pallas interpret mode (``pallas`` on a backend
-other than GPU, as :func:`jaxdistill.fused_linear_jsd_loss` does there), an emulation whose
+``interpret`` in a row: the Pallas kernel ran in Pallas interpret mode (``pallas`` and
+``topk-k=K-pallas`` on a backend other than GPU, as the library does there), an emulation whose
 times say nothing about the kernel's speed.
 """
 
@@ -61,7 +76,19 @@ from jax import lax
 
 import jaxdistill
 from bench import common
-from bench.cases import IGNORE_INDEX, Case, Problem, is_oom
+from bench.cases import (
+    IGNORE_INDEX,
+    STUDENT_FLOOR,
+    TEACHER_FLOOR,
+    TEACHER_TOPK,
+    TOPK_TEACHER_K,
+    Case,
+    Problem,
+    is_oom,
+    library_implementation,
+    matmul_heads,
+    topk_of,
+)
 from jaxdistill import reference
 
 LOGIT_STD = 2.0  # weights are drawn so that logits have about this standard deviation
@@ -187,43 +214,99 @@ def _dot(a, b, a_dim: int, b_dim: int):
     return lax.dot_general(a, b, (((a_dim,), (b_dim,)), ((), ())), preferred_element_type=jnp.float32)
 
 
-def matmul_floor_chunked_fns(problem: Problem, inputs):
+def matmul_floor_chunked_fns(problem: Problem, inputs, *, teacher: bool = True):
     """The four dots in the fused path's scan over chunks, with a stand-in dZ and no loss math.
 
     Per chunk of C rows: z_t = x_t W_t and z_s = x_s W_s (float32), dZ = (z_s − z_t) in the
     activation dtype, grad_x = dZ W_sᵀ (a scan output, float32) and grad_W += x_sᵀ dZ (float32
     carry). dZ depends on both logits and feeds both gradient dots, so no dot can be dropped.
     The forward is the two logits dots per chunk and the row maximum of dZ.
+
+    ``teacher=False`` (``matmul-floor-student``, the top-k loss's floor): the student's three dots
+    alone, dZ = z_s in the activation dtype; the functions then take (x_s, W_s) only.
     """
     chunk = chunk_rows(problem)
 
-    def chunk_logits(x_s_c, w_s, x_t_c, w_t):
-        z_t = _dot(x_t_c, w_t, 1, 0)
-        z_s = _dot(x_s_c, w_s, 1, 0)
-        return (z_s - z_t).astype(x_s_c.dtype)
+    def chunk_logits(x_s_c, w_s, *teacher_c):
+        z = _dot(x_s_c, w_s, 1, 0)
+        if teacher_c:
+            x_t_c, w_t = teacher_c
+            z = z - _dot(x_t_c, w_t, 1, 0)
+        return z.astype(x_s_c.dtype)
 
-    def four(x_s, w_s, x_t, w_t):
+    def chunks(x_s, *teacher_args):  # the scan's per-chunk inputs: x_s and x_t (if any) in chunks
+        return tuple(_chunked(x, chunk) for x in (x_s, *teacher_args[:1]))
+
+    def four(x_s, w_s, *teacher_args):
         n, hidden = x_s.shape
 
         def body(grad_w, chunk_inputs):
-            x_s_c, x_t_c = chunk_inputs
-            dz = chunk_logits(x_s_c, w_s, x_t_c, w_t)
+            x_s_c, *x_t_c = chunk_inputs
+            dz = chunk_logits(x_s_c, w_s, *x_t_c, *teacher_args[1:])
             return grad_w + _dot(x_s_c, dz, 0, 0), _dot(dz, w_s, 1, 1)
 
         init = jnp.zeros(w_s.shape, jnp.float32)
-        grad_w, grad_x = lax.scan(body, init, (_chunked(x_s, chunk), _chunked(x_t, chunk)))
+        grad_w, grad_x = lax.scan(body, init, chunks(x_s, *teacher_args))
         return grad_x.reshape(-1, hidden)[:n], grad_w
 
-    def forward(x_s, w_s, x_t, w_t):
+    def forward(x_s, w_s, *teacher_args):
         def body(carry, chunk_inputs):
-            x_s_c, x_t_c = chunk_inputs
-            return carry, jnp.max(chunk_logits(x_s_c, w_s, x_t_c, w_t), axis=1)
+            x_s_c, *x_t_c = chunk_inputs
+            return carry, jnp.max(chunk_logits(x_s_c, w_s, *x_t_c, *teacher_args[1:]), axis=1)
 
-        _, row_max = lax.scan(body, None, (_chunked(x_s, chunk), _chunked(x_t, chunk)))
+        _, row_max = lax.scan(body, None, chunks(x_s, *teacher_args))
         return row_max.reshape(-1)[: x_s.shape[0]]
 
-    args = tuple(inputs[k] for k in INPUT_NAMES)
+    args = tuple(inputs[k] for k in (INPUT_NAMES if teacher else INPUT_NAMES[:2]))
     return four, forward, args, args
+
+
+def teacher_logits_fns(problem: Problem, inputs):
+    """``matmul-teacher-logits``: the teacher's logits dot alone, in the scan over chunks of
+    :func:`jaxdistill.teacher_topk` (same chunk size). The scan's carry is the chunk's float32
+    logits, replaced by every chunk's dot and returned for the last one: no other work, no (N, V)
+    output, and every chunk's dot stays (a loop's carry is not dead code). No gradient, no forward."""
+    chunk = chunk_rows(problem)
+
+    def logits(x_t, w_t):
+        def body(_, x_t_c):
+            return _dot(x_t_c, w_t, 1, 0), None
+
+        last, _ = lax.scan(body, jnp.zeros((chunk, w_t.shape[1]), jnp.float32), _chunked(x_t, chunk))
+        return last
+
+    return logits, None, (inputs["teacher_hidden"], inputs["teacher_weight"]), None
+
+
+def teacher_topk_call(problem: Problem, k: int):
+    """:func:`jaxdistill.teacher_topk` at k on (teacher hidden, teacher head), at the problem's T
+    and chunk size: the ``teacher-topk`` row, and the maker of the top-k rows' teacher cache."""
+    return functools.partial(
+        jaxdistill.teacher_topk, k=k, temperature=problem.temperature, chunk_size=problem.chunk_size
+    )
+
+
+def teacher_topk_fns(problem: Problem, inputs):
+    """``teacher-topk``: the cache's maker at k = TOPK_TEACHER_K. No gradient, no forward."""
+    args = (inputs["teacher_hidden"], inputs["teacher_weight"])
+    return teacher_topk_call(problem, TOPK_TEACHER_K), None, args, None
+
+
+TOPK_INPUT_NAMES = ("student_hidden", "student_weight", "teacher_ids", "teacher_logprobs", "labels")
+
+
+def topk_loss_fns(impl: str, problem: Problem, inputs):
+    """value_and_grad (w.r.t. student hidden and weight) and forward of ``topk-k=K-IMPL``."""
+    kwargs = problem.loss_kwargs()
+    implementation = library_implementation(impl)
+
+    def loss(x_s, w_s, ids, logprobs, y):
+        return jaxdistill.fused_linear_topk_distill_loss(
+            x_s, w_s, ids, logprobs, y, implementation=implementation, chunk_size=problem.chunk_size, **kwargs
+        )
+
+    args = tuple(inputs[k] for k in TOPK_INPUT_NAMES)
+    return jax.value_and_grad(loss, argnums=(0, 1)), loss, args, args
 
 
 def loss_fns(impl: str, problem: Problem, inputs):
@@ -303,16 +386,50 @@ def time_forward_then_value_and_grad(fwd_call, vg_call, *, warmup: int, iters: i
     return fwd_seconds, vg_seconds, result
 
 
+def case_inputs(case: Case) -> dict:
+    """The arrays a case reads: :func:`make_inputs`' (the same in every case of a problem), with
+    the teacher of the ``topk-k=K-*`` rows replaced by its cache (``teacher_ids``,
+    ``teacher_logprobs``, made by :func:`teacher_topk_call` at K, outside any timing) and the head
+    a row does not use dropped (so that ``input_bytes`` and the device memory are the row's own)."""
+    inputs = make_inputs(case.problem, with_dlogits=case.impl == "matmul-floor")
+    if (k := topk_of(case.impl)) is not None:
+        cache = jax.jit(teacher_topk_call(case.problem, k))(inputs["teacher_hidden"], inputs["teacher_weight"])
+        inputs.update(teacher_ids=cache.ids, teacher_logprobs=cache.logprobs)
+        inputs = {name: inputs[name] for name in TOPK_INPUT_NAMES}
+    teacher, student = matmul_heads(case.impl)
+    unused = (() if teacher else ("teacher_hidden", "teacher_weight")) + (
+        () if student else ("student_hidden", "student_weight", "labels")
+    )
+    return jax.block_until_ready({name: x for name, x in inputs.items() if name not in unused})
+
+
+def case_fns(case: Case, inputs):
+    """(value-and-grad fn, forward fn or None, their args) of a JAX case."""
+    impl, problem = case.impl, case.problem
+    if impl == "matmul-floor":
+        return matmul_floor_fns(inputs)
+    if impl == "matmul-floor-chunked":
+        return matmul_floor_chunked_fns(problem, inputs)
+    if impl == STUDENT_FLOOR:
+        return matmul_floor_chunked_fns(problem, inputs, teacher=False)
+    if impl == TEACHER_FLOOR:
+        return teacher_logits_fns(problem, inputs)
+    if impl == TEACHER_TOPK:
+        return teacher_topk_fns(problem, inputs)
+    if topk_of(impl) is not None:
+        return topk_loss_fns(impl, problem, inputs)
+    return loss_fns(impl, problem, inputs)
+
+
 def measure_jax(case: Case, row: dict, inputs):
-    """Times and sizes one JAX implementation; returns its (loss, grad_x, grad_W (Hs, V)) or None."""
-    if case.impl == "matmul-floor":
-        vg_fn, fwd_fn, vg_args, fwd_args = matmul_floor_fns(inputs)
-    elif case.impl == "matmul-floor-chunked":
-        vg_fn, fwd_fn, vg_args, fwd_args = matmul_floor_chunked_fns(case.problem, inputs)
-    else:
-        vg_fn, fwd_fn, vg_args, fwd_args = loss_fns(case.impl, case.problem, inputs)
+    """Times and sizes one JAX implementation; returns its (loss, grad_x, grad_W (Hs, V)) or None.
+
+    Rows without gradients (``matmul-teacher-logits``, ``teacher-topk``) time their one call as
+    ``vg_ms`` and have ``fwd_ms`` None.
+    """
+    vg_fn, fwd_fn, vg_args, fwd_args = case_fns(case, inputs)
     vg, vg_compile_s, analysis = compile_checked(vg_fn, vg_args)
-    fwd, fwd_compile_s, _ = compile_checked(fwd_fn, fwd_args)
+    fwd, fwd_compile_s = compile_checked(fwd_fn, fwd_args)[:2] if fwd_fn is not None else (None, None)
     row["compile_s"] = {"vg": vg_compile_s, "fwd": fwd_compile_s}
     memory = row["memory"]
     if analysis is not None:
@@ -320,11 +437,16 @@ def measure_jax(case: Case, row: dict, inputs):
         memory["xla_output_bytes"] = int(analysis.output_size_in_bytes)
 
     before = memory_stats()
-    fwd_seconds, vg_seconds, result = time_forward_then_value_and_grad(
-        lambda: fwd(*fwd_args), lambda: vg(*vg_args), warmup=case.warmup, iters=case.iters
-    )
+    if fwd is None:
+        fwd_seconds = None
+        vg_seconds, result = time_calls(lambda: vg(*vg_args), warmup=case.warmup, iters=case.iters)
+    else:
+        fwd_seconds, vg_seconds, result = time_forward_then_value_and_grad(
+            lambda: fwd(*fwd_args), lambda: vg(*vg_args), warmup=case.warmup, iters=case.iters
+        )
     after = memory_stats()
-    row["vg_ms"], row["fwd_ms"] = percentiles_ms(vg_seconds), percentiles_ms(fwd_seconds)
+    row["vg_ms"] = percentiles_ms(vg_seconds)
+    row["fwd_ms"] = None if fwd_seconds is None else percentiles_ms(fwd_seconds)
     if before and after and "peak_bytes_in_use" in after:
         memory.update(
             source="jax peak_bytes_in_use",
@@ -334,8 +456,8 @@ def measure_jax(case: Case, row: dict, inputs):
         )
         if after["peak_bytes_in_use"] <= before["peak_bytes_in_use"]:
             memory["note"] = "upper bound: the process peak was set before the timed calls (compilation)"
-    if case.impl in ("matmul-floor", "matmul-floor-chunked"):
-        return None
+    if library_implementation(case.impl) is None and case.impl != "reference":
+        return None  # the floors and teacher-topk: no loss
     loss, (grad_x, grad_w) = result
     return loss, grad_x, grad_w
 
@@ -516,9 +638,10 @@ def _relative_error(got, want):
 
 
 def interpret_mode(impl: str) -> bool:
-    """Whether ``impl`` runs a Pallas kernel in interpret mode here: ``pallas`` off a GPU backend,
-    where :func:`jaxdistill.fused_linear_jsd_loss` interprets the kernel (its ``FusedPlan.interpret``)."""
-    return impl == "pallas" and jax.default_backend() != "gpu"
+    """Whether ``impl`` runs a Pallas kernel in interpret mode here: ``pallas`` and
+    ``topk-k=K-pallas`` off a GPU backend, where the library interprets its kernels (its
+    ``FusedPlan.interpret``)."""
+    return library_implementation(impl) == "pallas" and jax.default_backend() != "gpu"
 
 
 def run_case(case: Case) -> dict:
@@ -541,16 +664,19 @@ def run_case(case: Case) -> dict:
             jaxlib=common.package_version("jaxlib"),
         )
         row["interpret"] = interpret_mode(case.impl)
-        inputs = make_inputs(case.problem, with_dlogits=case.impl == "matmul-floor")
+        inputs = case_inputs(case)
         row["memory"]["input_bytes"] = int(sum(x.nbytes for x in inputs.values()))
         measure = measure_liger if case.impl == "liger" else measure_jax
         got = measure(case, row, inputs)
         seconds = row["vg_ms"]["median"] / 1e3
-        row["tflops"] = case.problem.flops() / seconds / 1e12
+        row["tflops"] = case.problem.flops(case.impl) / seconds / 1e12
         row["tokens_per_s"] = case.problem.n / seconds
         if got is not None:
             row["loss"] = float(got[0])
-            row["errors"] = reference_errors(case, inputs, got)
+            if topk_of(case.impl) is None:
+                row["errors"] = reference_errors(case, inputs, got)
+            else:
+                row["errors"] = {"note": "not computed: the float32 reference is the dense loss's"}
     except Exception as error:  # the row records it
         row["status"] = "OOM" if is_oom(error) else "error"
         row["reason"] = f"{type(error).__name__}: {str(error)[:800]}"
