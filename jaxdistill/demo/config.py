@@ -53,6 +53,12 @@ class DemoConfig:
     seed: int
     out: pathlib.Path
     progress: bool = True
+    # "online": the distilled student's teacher runs at every step (the default). "offline":
+    # also a third student, distilled from the teacher's top-``topk`` cached in ``cache_dir``
+    # (None: ``teacher-topk`` inside the report directory); see :mod:`jaxdistill.demo.cache`.
+    teacher_mode: str = "online"
+    topk: int | None = None
+    cache_dir: pathlib.Path | None = None
 
 
 # β = 0 (forward KL(teacher‖student)), T = 1 and hard weight 0.25: see the package docstring.
@@ -132,6 +138,24 @@ def _bounded(kind, low, high=None, *, low_inclusive=True):
     return parse
 
 
+DEFAULT_TOPK = 64
+CACHE_NAME = "teacher-topk"
+
+
+def parse_teacher(text: str) -> tuple[str, int | None]:
+    """``--teacher``: ``online`` → ("online", None); ``offline`` → ("offline", 64); ``offline:K`` → ("offline", K)."""
+    mode, sep, k = text.partition(":")
+    if mode == "online" and not sep:
+        return "online", None
+    if mode == "offline":
+        if not sep:
+            return "offline", DEFAULT_TOPK
+        if k.isdigit() and int(k) >= 1:
+            return "offline", int(k)
+        raise argparse.ArgumentTypeError(f"the K of offline:K must be an integer ≥ 1, got {text!r}")
+    raise argparse.ArgumentTypeError(f"must be online, offline or offline:K, got {text!r}")
+
+
 def _preset_values(getter) -> str:
     """``(cpu: …, gpu: …, tiny: …)``: a setting in every preset, for the help text."""
     return "(" + ", ".join(f"{name}: {getter(settings)}" for name, settings in PRESETS.items()) + ")"
@@ -187,6 +211,24 @@ def build_parser() -> argparse.ArgumentParser:
         "--seed", type=_bounded(int, 0), default=0, metavar="N", help="model init and batch order (default: 0)"
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument(
+        "--teacher",
+        dest="teacher_mode",
+        type=parse_teacher,
+        default=("online", None),
+        metavar="{online,offline,offline:K}",
+        help=(
+            "online (default): the distilled student runs the teacher at every step; offline[:K]: also cache "
+            f"the teacher's top-K next tokens (default K = {DEFAULT_TOPK}) over the training stream to disk and "
+            "train a third student from the cache (jaxdistill.fused_linear_topk_distill_loss)"
+        ),
+    )
+    parser.add_argument(
+        "--cache-dir",
+        type=pathlib.Path,
+        metavar="DIR",
+        help=f"where --teacher offline writes its cache (default: OUT/{CACHE_NAME}); replaces a previous cache there",
+    )
     group = parser.add_argument_group("settings (default: the preset's value, in parentheses)")
     for flag, (help_text, kind, getter) in _PRESET_FLAGS.items():
         values = _preset_values(getter)
@@ -220,4 +262,18 @@ def parse_config(argv: list[str] | None = None) -> DemoConfig:
     out = args.out if args.out is not None else pathlib.Path("reports") / f"demo-{args.preset}"
     if out.exists() and not out.is_dir():
         parser.error(f"--out {out} exists and is not a directory")
-    return DemoConfig(preset=args.preset, seed=args.seed, out=out, progress=not args.no_progress, **settings)
+    teacher_mode, topk = args.teacher_mode
+    if topk is not None and topk > settings["vocab_size"]:
+        parser.error(f"--teacher offline:{topk}: K exceeds the vocabulary size {settings['vocab_size']}")
+    if args.cache_dir is not None and teacher_mode != "offline":
+        parser.error("--cache-dir applies to --teacher offline only")
+    return DemoConfig(
+        preset=args.preset,
+        seed=args.seed,
+        out=out,
+        progress=not args.no_progress,
+        teacher_mode=teacher_mode,
+        topk=topk,
+        cache_dir=args.cache_dir,
+        **settings,
+    )

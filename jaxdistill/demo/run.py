@@ -1,10 +1,15 @@
-"""The demo's phases: data → teacher → CE-only student → distilled student → held-out evaluation → report."""
+"""The demo's phases: data → teacher → (top-k cache) → CE-only student → distilled student(s) → held-out
+evaluation → report."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import hashlib
+import pathlib
 import sys
+import tempfile
 import time
 
 import flax
@@ -14,8 +19,8 @@ import optax
 import tokenizers
 from tqdm import tqdm
 
-from jaxdistill.demo import data, report
-from jaxdistill.demo.config import DemoConfig, build_parser, parse_config
+from jaxdistill.demo import cache, data, report
+from jaxdistill.demo.config import CACHE_NAME, DemoConfig, build_parser, parse_config
 from jaxdistill.demo.train import (
     block_differences,
     cache_teacher,
@@ -24,6 +29,7 @@ from jaxdistill.demo.train import (
     distill_train_step,
     make_model,
     make_optimizer,
+    offline_distill_train_step,
     per_token,
     train,
     window_sums,
@@ -33,7 +39,7 @@ from jaxdistill.training import DistillConfig
 
 
 def prepare_data(config: DemoConfig):
-    """Corpus, tokenizer and token streams (a three-step progress bar); returns (train, heldout, stats)."""
+    """Corpus, tokenizer and token streams (a three-step progress bar); returns (train, heldout, stats, tokenizer)."""
     with tqdm(total=3, desc="data", unit="phase", disable=not config.progress, dynamic_ncols=True) as bar:
         bar.set_postfix_str("reading the docs")
         corpus = data.load_corpus(config.corpus)
@@ -51,19 +57,50 @@ def prepare_data(config: DemoConfig):
         train_tokens=len(train_tokens),
         heldout_tokens=len(heldout_tokens),
     )
-    return train_tokens, heldout_tokens, stats
+    return train_tokens, heldout_tokens, stats, tokenizer
 
 
-def run(config: DemoConfig, *, trained: dict | None = None) -> dict:
+def cache_identity(config: DemoConfig, *, tokenizer, train_tokens, starts, teacher) -> dict:
+    """What a top-k teacher cache of this run holds: the header's ``identity`` (see :mod:`jaxdistill.demo.cache`).
+
+    The settings that shape the teacher and the training stream, and hashes of the tokenizer, of
+    the stream's windows (the tokens and the batch starts) and of the trained teacher's parameters.
+    """
+    return {
+        "preset": config.preset,
+        "corpus": config.corpus,
+        "seed": config.seed,
+        "tokenizer_sha256": hashlib.sha256(tokenizer.to_str().encode()).hexdigest(),
+        "train_stream_sha256": cache.sha256_of_arrays(train_tokens, starts, np.asarray(config.seq_len)),
+        "teacher": {
+            "d_model": config.teacher.d_model,
+            "n_layers": config.teacher.n_layers,
+            "steps": config.teacher_steps,
+            "lr": config.teacher_lr,
+            "params_sha256": cache.params_sha256(teacher),
+        },
+    }
+
+
+def run(config: DemoConfig, *, trained: dict | None = None, cache_dir: pathlib.Path | None = None) -> dict:
     """Run every phase and return the metrics dict of the report (not yet written).
 
     ``trained``: if given, a dict that receives the trained models (``teacher``, ``student_ce``,
-    ``student_distilled``) and the final evaluation's held-out windows (``heldout_inputs``,
-    ``heldout_labels``), for callers that measure them further.
+    ``student_distilled``, with ``--teacher offline`` also ``student_offline``) and the final
+    evaluation's held-out windows (``heldout_inputs``, ``heldout_labels``), for callers that
+    measure them further.
+
+    ``cache_dir``: with ``config.teacher_mode == "offline"``, where the top-k teacher cache is
+    written (default: ``config.cache_dir``; if that is None too, a temporary directory removed
+    on return).
     """
+    if config.teacher_mode == "offline" and cache_dir is None and config.cache_dir is None:
+        with tempfile.TemporaryDirectory(prefix="jaxdistill-topk-") as scratch:
+            return run(config, trained=trained, cache_dir=pathlib.Path(scratch) / CACHE_NAME)
+    cache_dir = cache_dir if cache_dir is not None else config.cache_dir
     begin = time.perf_counter()
     timings = {}
-    train_tokens, heldout_tokens, corpus_stats = prepare_data(config)
+    train_tokens, heldout_tokens, corpus_stats, tokenizer = prepare_data(config)
     vocab = corpus_stats["vocab_size"]
     timings["data"] = time.perf_counter() - begin
 
@@ -114,14 +151,54 @@ def run(config: DemoConfig, *, trained: dict | None = None) -> dict:
         )
         return per_token(sums["student"], config.seq_len)
 
+    roles = [("student_ce", "student (CE only)"), ("student_distilled", "student (distilled)")]
+    offline = None
+    if config.teacher_mode == "offline":
+        # The teacher's top-k over the distilled student's batches (same windows, same order, at
+        # the distillation temperature), written to disk and read back through the header check.
+        identity = cache_identity(
+            config, tokenizer=tokenizer, train_tokens=train_tokens, starts=student_starts, teacher=teacher
+        )
+        begin_cache = time.perf_counter()
+        topk_cache = cache.build(
+            cache_dir,
+            teacher,
+            train_tokens,
+            student_starts,
+            seq_len=config.seq_len,
+            k=config.topk,
+            temperature=config.temperature,
+            identity=identity,
+            progress=config.progress,
+        )
+        timings["teacher_topk_cache"] = time.perf_counter() - begin_cache
+        sizes = topk_cache.file_sizes()
+        offline = {
+            "directory": str(cache_dir),
+            "k": config.topk,
+            "temperature": config.temperature,
+            "tail": "bucket",
+            "shape": topk_cache.header["fields"]["ids"]["shape"],
+            "positions": int(np.prod(topk_cache.ids.shape[:-1])),
+            "files": sizes,
+            "bytes": sum(sizes.values()),
+            "build_seconds": timings["teacher_topk_cache"],
+            "git_sha": topk_cache.header["git_sha"],
+        }
+        roles.append(("student_offline", f"student (offline top-{config.topk})"))
+
     students = {}
-    for role, desc in [("student_ce", "student (CE only)"), ("student_distilled", "student (distilled)")]:
-        student = make_model(config.student, seed=config.seed + 1, **model_kwargs)  # identical init for both
+    for role, desc in roles:
+        student = make_model(config.student, seed=config.seed + 1, **model_kwargs)  # identical init for all
         optimizer = make_optimizer(student, lr=config.student_lr, steps=config.student_steps)
+        extras = None
         if role == "student_ce":
             step_fn = functools.partial(ce_train_step, student, optimizer)
-        else:
+        elif role == "student_distilled":
             step_fn = functools.partial(distill_train_step, student, teacher, optimizer, config=loss_config)
+        else:  # the same loss settings, against the cache: no teacher runs
+            step_fn = functools.partial(offline_distill_train_step, student, optimizer, config=loss_config)
+            extras = topk_cache.batch
         curves[role] = train(
             desc,
             step_fn,
@@ -131,12 +208,13 @@ def run(config: DemoConfig, *, trained: dict | None = None) -> dict:
             progress=config.progress,
             eval_fn=functools.partial(curve_point, student, curve_teacher),
             eval_every=config.eval_every,
+            batch_extras=extras,
         )
         timings[role] = curves[role]["seconds"]
         students[role] = student
     del curve_teacher
 
-    # One pass over the held-out windows: the teacher once per batch, both students on its output.
+    # One pass over the held-out windows: the teacher once per batch, every student on its output.
     begin_eval = time.perf_counter()
     n_batches = -(-len(inputs) // config.batch_size)
     with tqdm(total=n_batches, desc="held-out eval", unit="batch", disable=not config.progress) as bar:
@@ -148,20 +226,24 @@ def run(config: DemoConfig, *, trained: dict | None = None) -> dict:
     for role in students:
         point = per_token(sums[role], config.seq_len, windows=len(curve_inputs))
         curves[role]["eval"].append({"step": config.student_steps, **point})
+    blocks = functools.partial(block_differences, tokens_per_window=config.seq_len, windows_per_block=config.batch_size)
     noise = {
         "windows_per_block": config.batch_size,
         "tokens_per_block": config.batch_size * config.seq_len,
-        "differences": block_differences(
-            sums["student_ce"], sums["student_distilled"], config.seq_len, config.batch_size
-        ),
+        "differences": blocks(sums["student_ce"], sums["student_distilled"]),
     }
+    if offline is not None:
+        noise["differences_offline"] = {
+            "vs_ce_only": blocks(sums["student_ce"], sums["student_offline"]),
+            "vs_online": blocks(sums["student_distilled"], sums["student_offline"]),
+        }
     timings["heldout_eval"] = time.perf_counter() - begin_eval
     timings["total"] = time.perf_counter() - begin
     if trained is not None:
         trained.update(teacher=teacher, **students, heldout_inputs=inputs, heldout_labels=labels)
 
     device = jax.devices()[0]
-    return {
+    metrics = {
         "config": dataclasses.asdict(config),
         "environment": {
             "python": sys.version.split()[0],
@@ -191,21 +273,42 @@ def run(config: DemoConfig, *, trained: dict | None = None) -> dict:
         "comparison": report.compare(heldout, noise["differences"]),
         "curves": curves,
     }
+    if offline is not None:
+        metrics["offline_cache"] = offline
+        metrics["comparison_offline"] = report.compare_offline(heldout, noise["differences_offline"])
+    return metrics
 
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m jaxdistill.demo [flags]``: run the demo and write its report; returns the exit status."""
     config = parse_config(argv)
     try:
-        metrics = run(config)
-        out = report.write_report(metrics, config.out)
+        with contextlib.ExitStack() as stack:
+            cache_dir, move_in = config.cache_dir, {}
+            if config.teacher_mode == "offline" and cache_dir is None:
+                # The default cache goes inside the report directory: it is built next to it and
+                # moved in with the report's other files, so an interrupted run changes nothing.
+                config.out.parent.mkdir(parents=True, exist_ok=True)
+                scratch = stack.enter_context(
+                    tempfile.TemporaryDirectory(prefix=f".{config.out.name}.cache-", dir=config.out.parent)
+                )
+                cache_dir = pathlib.Path(scratch) / CACHE_NAME
+                move_in = {CACHE_NAME: cache_dir}
+            metrics = run(config, cache_dir=cache_dir)
+            if move_in:
+                metrics["offline_cache"]["directory"] = str(config.out / CACHE_NAME)
+            out = report.write_report(metrics, config.out, move_in=move_in)
     except data.CorpusTooShortError as error:
         build_parser().error(str(error))
+    except cache.CacheMismatchError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"\ninterrupted: {config.out} was not written or changed", file=sys.stderr)
         return 130
+    files = "summary.md, metrics.json, curves.png" + (f", {CACHE_NAME}/" if move_in else "")
+    print(f"report: {out}/{files} ({metrics['timings_s']['total']:.0f} s)")
     comparison = metrics["comparison"]
-    print(f"report: {out}/summary.md, metrics.json, curves.png ({metrics['timings_s']['total']:.0f} s)")
     for key, label in [("ce", "held-out CE"), ("agreement", "top-1 agreement with teacher")]:
         c = comparison[key]
         print(
@@ -214,4 +317,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{report.format_value(key, c['distilled_minus_ce_only'], signed=True)} "
             f"(noise threshold {report.format_noise(key, c)}): {report.VERDICTS[c['verdict']]}"
         )
+    if "comparison_offline" in metrics:
+        for line in report.offline_lines(metrics):
+            print(line)
     return 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 
 import jax
@@ -13,7 +14,8 @@ from tqdm import tqdm
 
 from jaxdistill.demo import data
 from jaxdistill.demo.config import ModelSize
-from jaxdistill.training import train_step
+from jaxdistill.topk import fused_linear_topk_distill_loss
+from jaxdistill.training import DistillConfig, train_step
 from jaxdistill.transformer import TransformerLM
 
 
@@ -57,6 +59,45 @@ def ce_train_step(model, optimizer, batch):
 
 
 distill_train_step = nnx.jit(train_step, static_argnames="config")
+
+
+def _offline_distill_loss(student, batch, *, config: DistillConfig):
+    hidden = student.hidden_states(batch["inputs"])
+    head = student.lm_head
+    return fused_linear_topk_distill_loss(
+        hidden,
+        head.weight,
+        batch["teacher_ids"],
+        batch["teacher_logprobs"],
+        batch["labels"],
+        student_bias=head.bias,
+        student_weight_layout=head.layout,
+        beta=config.beta,
+        temperature=config.temperature,
+        soft_weight=config.soft_weight,
+        hard_weight=config.hard_weight,
+        ignore_index=config.ignore_index,
+        tail="bucket",
+        return_aux=True,
+    )
+
+
+@nnx.jit(static_argnames="config")
+def offline_distill_train_step(student, optimizer, batch, *, config: DistillConfig):
+    """One AdamW step on ``soft_weight · JSD_β(P̃‖Q̃) + hard_weight · CE`` against a cached top-k teacher.
+
+    ``batch`` adds ``teacher_ids`` and ``teacher_logprobs`` (B, L, k), the teacher's top-k of
+    log softmax(z_t/T) on these inputs (:mod:`jaxdistill.demo.cache`), to ``inputs`` and
+    ``labels``; the loss is :func:`jaxdistill.fused_linear_topk_distill_loss` with the bucket
+    tail (P̃, Q̃: the k cached ids plus one bucket for the rest of the vocabulary) and
+    ``config``'s β, T and weights. No teacher runs. Returns the metrics of
+    :func:`jaxdistill.training.train_step` (``loss``, ``soft_loss``, ``hard_loss``,
+    ``num_valid_tokens``).
+    """
+    loss_and_grads = nnx.value_and_grad(functools.partial(_offline_distill_loss, config=config), has_aux=True)
+    (loss, metrics), grads = loss_and_grads(student, batch)
+    optimizer.update(student, grads)
+    return dict(metrics, loss=loss)
 
 
 @nnx.jit
@@ -166,6 +207,7 @@ def train(
     progress: bool,
     eval_fn=None,
     eval_every: int = 0,
+    batch_extras=None,
 ) -> dict:
     """Run ``step_fn(batch) -> metrics`` over the batches at ``starts`` (steps, B); returns the curves.
 
@@ -175,6 +217,9 @@ def train(
     distillation step, ``loss`` of a CE step) and, for distillation, the soft loss. The returned
     dict has ``step`` and one list per training metric, ``eval`` (a list of ``{"step",
     **metrics}``) and ``seconds`` (wall time, compilation and evaluations included).
+
+    ``batch_extras(step) -> dict``, if given, adds arrays to the batch of each step (the offline
+    teacher's cached top-k of that batch).
     """
     begin = time.perf_counter()
     history, evals = [], []
@@ -184,7 +229,10 @@ def train(
             if eval_fn is not None and step % eval_every == 0:
                 evals.append({"step": step, **eval_fn()})
             inputs, labels = data.windows(tokens, starts[step], seq_len)
-            metrics = step_fn({"inputs": jnp.asarray(inputs), "labels": jnp.asarray(labels)})
+            batch = {"inputs": inputs, "labels": labels}
+            if batch_extras is not None:
+                batch.update(batch_extras(step))
+            metrics = step_fn({key: jnp.asarray(value) for key, value in batch.items()})
             history.append(metrics)
             if step % 10 == 0 or step == steps - 1:
                 shown = {"ce": f"{float(metrics.get('hard_loss', metrics['loss'])):.3f}"}
