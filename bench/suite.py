@@ -394,7 +394,7 @@ def case_inputs(case: Case) -> dict:
     inputs = make_inputs(case.problem, with_dlogits=case.impl == "matmul-floor")
     if (k := topk_of(case.impl)) is not None:
         cache = jax.jit(teacher_topk_call(case.problem, k))(inputs["teacher_hidden"], inputs["teacher_weight"])
-        inputs.update(teacher_ids=cache.ids, teacher_logprobs=cache.logprobs)
+        inputs = {**inputs, "teacher_ids": cache.ids, "teacher_logprobs": cache.logprobs}
         inputs = {name: inputs[name] for name in TOPK_INPUT_NAMES}
     teacher, student = matmul_heads(case.impl)
     unused = (() if teacher else ("teacher_hidden", "teacher_weight")) + (

@@ -303,16 +303,17 @@ def test_replot_rebuilds_from_rows(tmp_path, capsys):
 
 
 def _script_parsers():
-    from bench import kernel_sweep
+    from bench import kernel_sweep, topk_select
 
     return {
         "bench": build_parser(),
         "bench.multi_gpu": multi_gpu.build_parser(),
         "bench.kernel_sweep": kernel_sweep.build_parser(),
+        "bench.topk_select": topk_select.build_parser(),
     }
 
 
-@pytest.mark.parametrize("script", ["bench", "bench.multi_gpu", "bench.kernel_sweep"])
+@pytest.mark.parametrize("script", ["bench", "bench.multi_gpu", "bench.kernel_sweep", "bench.topk_select"])
 def test_every_flag_has_help_and_shows_its_default(script):
     parser = _script_parsers()[script]
     text = parser.format_help()  # also checks that every help string formats
