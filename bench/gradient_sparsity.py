@@ -91,9 +91,10 @@ def skippable_tiles(dlogits, epsilon, *, row_block: int = ROW_BLOCK, vocab_block
 
 
 def entries_above(dlogits, epsilon):
-    """(N,) int32: per row, the number of entries with |dlogits| ≥ epsilon · the row's max |dlogits|."""
+    """(N,) int32: per row, the number of nonzero entries with |dlogits| ≥ epsilon · the row's max |dlogits|."""
     a = jnp.abs(dlogits.astype(jnp.float32))
-    return jnp.sum(a >= epsilon * jnp.max(a, axis=-1, keepdims=True), axis=-1, dtype=jnp.int32)
+    above = (a >= epsilon * jnp.max(a, axis=-1, keepdims=True)) & (a > 0.0)
+    return jnp.sum(above, axis=-1, dtype=jnp.int32)
 
 
 def loss_settings(temperature: float, hard_weight: float) -> list[dict]:
