@@ -46,12 +46,42 @@ def _check_k(k: int, vocab_size: int, name: str) -> int:
     return k
 
 
+# Columns per tile of the two-level selection of exact_top_k (measured on the H200: see README).
+TOP_K_TILE = 128
+
+
+def exact_top_k(x, k: int, tile: int = TOP_K_TILE):
+    """``lax.top_k(x, k)`` of (R, V) rows, exactly (values, ids, and lower ids first among ties), in two levels.
+
+    The row is cut into ⌈V/tile⌉ tiles; the k tiles with the largest maxima (lower tile first
+    among ties) hold every one of the row's k largest entries: an entry outside them would be
+    beaten by the k tiles' maxima, k distinct entries at least as large and, when equal, at lower
+    ids. The final ``lax.top_k`` runs over those k·tile candidates, in ascending id order, so
+    ties resolve as in ``lax.top_k`` of the whole row. Selection work: R·(V/tile + k·tile)
+    entries instead of R·V (k = 64, V = 128256: 9 % of it).
+
+    Falls back to ``lax.top_k`` when the row has no more than k tiles.
+    """
+    rows, vocab = x.shape
+    n_tiles = -(-vocab // tile)
+    if n_tiles <= k:
+        return lax.top_k(x, k)
+    padded = jnp.pad(x, ((0, 0), (0, n_tiles * tile - vocab)), constant_values=-jnp.inf)
+    tiles = padded.reshape(rows, n_tiles, tile)
+    _, best = lax.top_k(jnp.max(tiles, axis=-1), k)
+    best = jnp.sort(best, axis=-1)  # ascending ids among the candidates
+    candidates = jnp.take_along_axis(tiles, best[:, :, None], axis=1).reshape(rows, k * tile)
+    values, position = lax.top_k(candidates, k)
+    ids = jnp.take_along_axis(best, position // tile, axis=-1) * tile + position % tile
+    return values, ids
+
+
 def _chunk_topk(hidden, weight, bias, layout, inv_t, k):
     """(C, H) rows → their top-k of log softmax(z/T): ((C, k) int32 ids, (C, k) float32 log-probs)."""
     z = fused._logits(hidden, weight, bias, layout) * inv_t
     row_max = jnp.max(z, axis=-1, keepdims=True)
     log_normalizer = row_max + jnp.log(jnp.sum(jnp.exp(z - row_max), axis=-1, keepdims=True))
-    values, ids = lax.top_k(z, k)
+    values, ids = exact_top_k(z, k)
     return ids.astype(jnp.int32), values - log_normalizer
 
 
