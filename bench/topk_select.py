@@ -43,7 +43,7 @@ import jaxdistill
 from bench import common, suite
 from bench.cases import PRESETS, Problem
 
-FULL = dict(preset="llama", rows=1024, k=64, groups=(16, 64, 256), warmup=3, iters=20)
+FULL = dict(preset="llama", rows=1024, k=64, groups=(16, 64, 256), warmup=2, iters=10)
 TINY = dict(preset="tiny", rows=64, k=8, groups=(4, 16, 64), warmup=1, iters=3)
 
 
@@ -168,15 +168,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--tiny",
         action="store_true",
         help="the CPU smoke run: tiny preset (Ht 64, V 1000), 64 rows, k 8, G 4 16 64, 1 warm-up, 3 timed calls "
-        "(default: llama, Ht 4096, V 128256, 1024 rows, k 64, G 16 64 256, 3 warm-ups, 20 timed calls)",
+        "(default: llama, Ht 4096, V 128256, 1024 rows, k 64, G 16 64 256, 2 warm-ups, 10 timed calls)",
     )
     parser.add_argument("--rows", type=int, default=None, help="rows of the chunk (default: 1024, or 64 with --tiny)")
     parser.add_argument("--k", type=int, default=None, help="k (default: 64, or 8 with --tiny)")
     parser.add_argument(
         "--groups", type=int, nargs="+", default=None, help="G of the two-stage rows (default: 16 64 256, or 4 16 64)"
     )
-    parser.add_argument("--warmup", type=int, default=None, help="untimed calls per row (default: 3, or 1 with --tiny)")
-    parser.add_argument("--iters", type=int, default=None, help="timed calls per row (default: 20, or 3 with --tiny)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed calls per row (default: 2, or 1 with --tiny)")
+    parser.add_argument("--iters", type=int, default=None, help="timed calls per row (default: 10, or 3 with --tiny)")
     common.add_git_sha_flag(parser)
     return parser
 
