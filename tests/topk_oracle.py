@@ -175,21 +175,40 @@ def _plogratio(w, log_w, log_other):
     return jnp.where(positive, w * diff, 0)
 
 
-def divergence_rows(log_p, log_q, beta: float):
+def beta_kind(beta) -> str:
+    """ "forward" (β = 0 exactly), "reverse" (β = 1 exactly) or "mixture"."""
+    beta = float(beta)
+    return "forward" if beta == 0.0 else "reverse" if beta == 1.0 else "mixture"
+
+
+def divergence_rows(log_p, log_q, beta, kind=None):
     """JSD_β per row between the teacher (log P) and the student (log Q), both (..., m) log-probs.
 
-    β must be a concrete number: 0 → KL(P‖Q), 1 → KL(Q‖P), else β·KL(P‖M) + (1−β)·KL(Q‖M).
+    ``kind``: "forward" (KL(P‖Q)), "reverse" (KL(Q‖P)), "mixture" (β·KL(P‖M) + (1−β)·KL(Q‖M),
+    M = βP + (1−β)Q), or "traced": the branch from β's value at run time (β = 0 and β = 1 exactly
+    are the KL endpoints; only the selected branch is evaluated, so its gradient is clean). None:
+    from a concrete β (:func:`beta_kind`).
     """
-    beta = float(beta)
+    kind = beta_kind(beta) if kind is None else kind
     p, q = jnp.exp(log_p), jnp.exp(log_q)
-    if beta == 0.0:
+
+    def forward(beta):
         return jnp.sum(_plogratio(p, log_p, log_q), axis=-1)
-    if beta == 1.0:
+
+    def reverse(beta):
         return jnp.sum(_plogratio(q, log_q, log_p), axis=-1)
-    log_m = jnp.logaddexp(float(np.log(beta)) + log_p, float(np.log1p(-beta)) + log_q)
-    return beta * jnp.sum(_plogratio(p, log_p, log_m), axis=-1) + (1.0 - beta) * jnp.sum(
-        _plogratio(q, log_q, log_m), axis=-1
-    )
+
+    def mixture(beta):
+        log_m = jnp.logaddexp(jnp.log(beta) + log_p, jnp.log1p(-beta) + log_q)
+        return beta * jnp.sum(_plogratio(p, log_p, log_m), axis=-1) + (1 - beta) * jnp.sum(
+            _plogratio(q, log_q, log_m), axis=-1
+        )
+
+    beta = jnp.asarray(beta, log_p.dtype)
+    if kind == "traced":
+        branch = jnp.where(beta == 0, 0, jnp.where(beta == 1, 2, 1))
+        return jax.lax.switch(branch, (forward, mixture, reverse), beta)
+    return {"forward": forward, "mixture": mixture, "reverse": reverse}[kind](beta)
 
 
 def _id_mask(ids, vocab):
@@ -224,11 +243,13 @@ def topk_distill_loss(
     reduction="mean",
     student_weight_layout="hv",
     return_aux=False,
+    beta_kind_=None,
 ):
     """The top-k distillation loss from its definition, unfused, in the student arrays' dtype.
 
     Same arguments as ``jaxdistill.fused_linear_topk_distill_loss`` (minus chunking and
-    implementation options); ``beta`` must be concrete. A valid row with a bad id (out of range or
+    implementation options); ``beta`` must be concrete unless ``beta_kind_`` names its branch
+    (:func:`beta_kind`). A valid row with a bad id (out of range or
     repeated) or a bad label makes the loss NaN; ignored rows are replaced by harmless values
     before any math, so their contents never matter.
     """
@@ -270,7 +291,7 @@ def topk_distill_loss(
     else:
         log_p = lp - jax.nn.logsumexp(lp, axis=-1, keepdims=True)
         log_q = log_q - jax.nn.logsumexp(log_q, axis=-1, keepdims=True)
-    soft = divergence_rows(log_p, log_q, beta)
+    soft = divergence_rows(log_p, log_q, beta, beta_kind_)
     hard = -jnp.take_along_axis(jax.nn.log_softmax(z, axis=-1), y[:, None], axis=-1)[:, 0]
 
     soft_sum = jnp.sum(jnp.where(valid, soft, 0))
@@ -305,22 +326,52 @@ class Oracle(NamedTuple):
     aux: dict
 
 
+NUMERIC_OPTIONS = ("beta", "temperature", "soft_weight", "hard_weight")
+# The oracle is compiled once per shape and option set. On CPU without LLVM's optimizations:
+# the float64 arithmetic is the same, the compile about twice as fast (as in distill_setup.py's
+# workers).
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+
+
+def compile_cached(cache: dict, fn, static, *args):
+    """``fn(*args, static=static)`` through a compiled executable cached by the options and the
+    arguments' shapes and dtypes (without LLVM optimizations on CPU: see FAST_COMPILE)."""
+    leaves, tree = jax.tree.flatten(args)
+    key = (static, tree, tuple((leaf.shape, leaf.dtype) for leaf in leaves))
+    if key not in cache:
+        options = FAST_COMPILE if jax.default_backend() == "cpu" else None
+        lowered = jax.jit(functools.partial(fn, static=static)).lower(*args)
+        cache[key] = lowered.compile(compiler_options=options)
+    return cache[key](*args)
+
+
+_ORACLES: dict = {}
+
+
 def oracle64(p: TopKProblem, cotangent=1.0, **options) -> Oracle:
-    """:func:`topk_distill_loss` on the float64 upcast of ``p``: loss, gradients (autodiff) and aux."""
-    static = tuple(sorted((k, v) for k, v in options.items() if k != "where"))
+    """:func:`topk_distill_loss` on the float64 upcast of ``p``: loss, gradients (autodiff) and aux.
+
+    β, T and the weights are run-time arguments (β's branch is chosen from its exact value), so
+    one compile serves every value.
+    """
+    options = {"beta": 0.0, "temperature": 1.0, "soft_weight": 1.0, "hard_weight": 0.0} | options
+    numeric = {name: float(options.pop(name)) for name in NUMERIC_OPTIONS}
+    where = options.pop("where", None)
+    static = tuple(sorted(options.items())) + (("beta_kind_", "traced"),)
     with jax.enable_x64(True):
         q = p.astype(jnp.float64)
-        loss, grads, aux = _value_grads_aux(
+        args = (
             q.student_hidden,
             q.student_weight,
             q.student_bias,
             q.teacher_ids,
             jnp.asarray(p.teacher_logprobs, jnp.float64),
             q.labels,
-            options.get("where"),
+            None if where is None else jnp.asarray(where),
             jnp.asarray(cotangent, jnp.float64),
-            static=static,
+            {name: jnp.asarray(v, jnp.float64) for name, v in numeric.items()},
         )
+        loss, grads, aux = compile_cached(_ORACLES, _value_grads_aux, static, *args)
         return Oracle(
             np.asarray(loss),
             tuple(None if g is None else np.asarray(g) for g in grads),
@@ -328,10 +379,9 @@ def oracle64(p: TopKProblem, cotangent=1.0, **options) -> Oracle:
         )
 
 
-@functools.partial(jax.jit, static_argnames="static")
-def _value_grads_aux(xs, ws, bs, ids, logprobs, labels, where, cotangent, *, static):
-    """One compiled evaluation of the oracle: (loss, (g_x, g_w, g_b), aux)."""
-    options = dict(static)
+def _value_grads_aux(xs, ws, bs, ids, logprobs, labels, where, cotangent, numeric, *, static):
+    """One evaluation of the oracle: (loss, (g_x, g_w, g_b), aux)."""
+    options = dict(static) | numeric
 
     def scalar(xs, ws, bs):
         loss, aux = topk_distill_loss(
@@ -417,6 +467,8 @@ def assert_topk_matches(got_ids, got_logprobs, full_logprobs, k, *, atol):
     want_lp = np.take_along_axis(full, want_ids, axis=-1)
     np.testing.assert_allclose(got_lp, want_lp, rtol=0, atol=atol)
     sorted_full = np.take_along_axis(full, order[:, : k + 1], axis=-1)
+    if k == vocab:
+        sorted_full = np.concatenate([sorted_full, np.full((full.shape[0], 1), -np.inf)], axis=-1)
     gaps = -np.diff(sorted_full, axis=-1)  # (rows, k): gap between rank j and j + 1
     gap_before = np.concatenate([np.full((full.shape[0], 1), np.inf), gaps[:, :-1]], axis=-1)
     isolated = np.minimum(gaps, gap_before) > 2 * atol

@@ -1,0 +1,710 @@
+"""The offline-teacher loss (cached top-k teacher log-probs) and ``teacher_topk`` against the float64 oracle.
+
+``fused_linear_topk_distill_loss`` is checked against ``topk_oracle.topk_distill_loss`` evaluated
+in float64 (its gradients by autodiff), with the float32 budgets of the dense loss
+(``test_fused.py``): 1e-5 relative on the loss, 1e-4 relative to the largest entry on each
+gradient. V = 151 is prime: no block size divides it. ``teacher_topk`` is checked against
+lax.top_k of the full log_softmax(z_t/T). The shard_map test runs this file as a worker
+(``python tests/test_topk.py shard-map``) with 2 simulated CPU devices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from topk_oracle import (
+    TopKProblem,
+    assert_topk_matches,
+    compile_cached,
+    full_teacher_logprobs64,
+    lax_topk_f32,
+    make_topk_problem,
+    oracle64,
+)
+
+from jaxdistill import fused_linear_topk_distill_loss, teacher_topk
+
+F32_LOSS_RTOL = 1e-5
+F32_GRAD_RTOL = 1e-4
+VOCAB = 151
+TEMPERATURE = 2.0
+GRAD_NAMES = ("student_hidden", "student_weight", "student_bias")
+
+
+def relative_error(actual, expected) -> float:
+    """max |actual − expected| / max(max |expected|, tiny), in float64 (as in helpers.py)."""
+    actual = np.asarray(jnp.asarray(actual, jnp.float32), np.float64)
+    expected = np.asarray(expected, np.float64)
+    return float(np.max(np.abs(actual - expected)) / max(np.max(np.abs(expected)), 1e-30))
+
+
+HYPER = ("beta", "temperature", "soft_weight", "hard_weight")
+
+
+DEFAULTS = dict(implementation="xla", chunk_size=8, tail="bucket", reduction="mean")
+
+
+_COMPILED: dict = {}
+
+
+def _value_and_grads(xs, ws, bs, ids, logprobs, labels, where, cotangent, traced, *, static):
+    def scalar(xs, ws, bs):
+        loss = fused_linear_topk_distill_loss(
+            xs, ws, ids, logprobs, labels, student_bias=bs, where=where, **dict(static), **traced
+        )
+        return cotangent * loss
+
+    return jax.value_and_grad(scalar, argnums=(0, 1, 2))(xs, ws, bs)
+
+
+def fused_value_and_grads(p: TopKProblem, cotangent=1.0, *, where=None, traced_hyper=False, **options):
+    """The fused loss and its gradients w.r.t. the student arguments, jitted.
+
+    Compiled once per shapes and options (``compile_cached``: the same HLO, without LLVM's
+    optimizations on CPU, for compile time). ``traced_hyper``: β, T and the weights are traced
+    arguments (β's branch then chosen at run time), so problems of one shape share a compile
+    whatever their values.
+    """
+    options = DEFAULTS | options
+    traced = {name: jnp.float32(options.pop(name)) for name in HYPER if traced_hyper and name in options}
+    args = (
+        p.student_hidden,
+        p.student_weight,
+        p.student_bias,
+        p.teacher_ids,
+        p.teacher_logprobs,
+        p.labels,
+        where,
+        jnp.float32(cotangent),
+        traced,
+    )
+    return compile_cached(_COMPILED, _value_and_grads, tuple(sorted(options.items())), *args)
+
+
+def check_f32(p: TopKProblem, *, cotangent=1.0, implementation="xla", chunk_size=8, traced_hyper=False, **options):
+    """Loss within 1e-5 and gradients within 1e-4 of the float64 oracle."""
+    loss, grads = fused_value_and_grads(
+        p, cotangent, implementation=implementation, chunk_size=chunk_size, traced_hyper=traced_hyper, **options
+    )
+    want = oracle64(p, cotangent, **options)
+    assert np.isfinite(want.loss)
+    assert loss.dtype == jnp.float32
+    assert np.isfinite(float(loss)), float(loss)
+    np.testing.assert_allclose(float(loss), want.loss, rtol=F32_LOSS_RTOL, atol=1e-7)
+    for name, got, w in zip(GRAD_NAMES, grads, want.grads, strict=True):
+        if w is None:
+            assert got is None, name
+            continue
+        assert got.dtype == jnp.float32 and got.shape == w.shape, name
+        err = relative_error(got, w)
+        assert err < F32_GRAD_RTOL, (name, err)
+    return want
+
+
+# --- accuracy against the oracle -------------------------------------------------------------------
+
+# (k, tail, β) with β known at trace time: every (tail, β) at k = 7.
+XLA_CASES = [(7, tail, beta) for tail in ("bucket", "renormalize") for beta in (0.0, 0.5, 1.0)]
+# k = 1 and k = 64: β traced, so one compile covers β ∈ {0, 0.5, 1}.
+XLA_K_CASES = [(1, "bucket"), (64, "bucket"), (64, "renormalize")]
+PALLAS_CASES = [(7, "bucket", 0.5), (64, "bucket", 0.0), (7, "renormalize", 1.0)]
+
+
+def case_id(case):
+    k, tail, beta = case
+    return f"k={k}-{tail}-beta={beta}"
+
+
+def standard_problem(seed, **overrides) -> TopKProblem:
+    """29 rows (chunks of 8: a ragged last one), H = 16, V = 151, k = 7, T = 2, 20 % ignored.
+
+    The tests below that pass traced hyper-parameters all use this shape, so they share compiles.
+    """
+    return make_topk_problem(**dict(n=29, vocab=VOCAB, k=7, temperature=TEMPERATURE, seed=seed) | overrides)
+
+
+@pytest.mark.parametrize("case", XLA_CASES, ids=case_id)
+def test_xla_matches_oracle(case):
+    """β known at trace time, T = 2, soft and hard parts, ignored rows, a ragged last chunk."""
+    k, tail, beta = case
+    p = standard_problem(seed=k, k=k)
+    assert 0 < int(np.sum(p.valid)) < 29
+    check_f32(p, beta=beta, temperature=TEMPERATURE, soft_weight=0.8, hard_weight=0.3, tail=tail)
+
+
+@pytest.mark.parametrize("k, tail", XLA_K_CASES, ids=lambda x: str(x))
+def test_xla_matches_oracle_other_k(k, tail):
+    p = standard_problem(seed=k, k=k)
+    for beta in (0.0, 0.5, 1.0):
+        check_f32(p, beta=beta, temperature=TEMPERATURE, soft_weight=0.8, hard_weight=0.3, tail=tail, traced_hyper=True)
+
+
+@pytest.mark.parametrize("case", PALLAS_CASES, ids=case_id)
+def test_pallas_matches_oracle(case):
+    """The Pallas path (interpret mode off-GPU): 11 rows in chunks of 4. The ignored rows hold
+    garbage ids and log-probs (out of range, repeated, NaN), which must not be read."""
+    k, tail, beta = case
+    p = make_topk_problem(n=11, hs=8, vocab=VOCAB, k=k, temperature=TEMPERATURE, ignored_fraction=0.3, seed=10 + k)
+    assert 0 < int(np.sum(p.valid)) < 11
+    p = garbage_in_rows(p, np.flatnonzero(~p.valid))
+    options = dict(beta=beta, temperature=TEMPERATURE, soft_weight=0.8, hard_weight=0.4, tail=tail)
+    check_f32(p, implementation="pallas", chunk_size=4, **options)
+
+
+def concentrated_student(p: TopKProblem, q_tail: float, seed=0) -> TopKProblem:
+    """``p`` with an identity student head (H = V) whose logits put all but about ``q_tail`` of
+    each row's Q = softmax(z_s/T) on that row's ids (noise of std 1, the ids raised by
+    T·log((V − k)/(k·q_tail)))."""
+    n, k = p.teacher_ids.shape
+    vocab = p.student_weight.shape[1]
+    rng = np.random.default_rng(seed)
+    boost = p.temperature * np.log((vocab - k) / (k * q_tail))
+    logits = rng.standard_normal((n, vocab))
+    ids = np.asarray(p.teacher_ids, np.int64)
+    np.put_along_axis(logits, ids, np.take_along_axis(logits, ids, axis=-1) + boost, axis=-1)
+    return dataclasses.replace(
+        p,
+        student_hidden=jnp.asarray(logits, jnp.float32),
+        student_weight=jnp.eye(vocab, dtype=jnp.float32),
+        student_bias=None,
+    )
+
+
+@pytest.mark.parametrize("implementation", ["xla", "pallas"])
+def test_student_mass_almost_all_on_the_ids_keeps_the_tail_bucket_accurate(implementation):
+    """Q_tail ≈ 1e-7 against a teacher tail P_tail > 0.5: the loss is dominated by
+    P_tail·log(P_tail/Q_tail), so Q_tail must not come from 1 − Σ Q_ids (float32 cancellation:
+    an O(1) error on log Q_tail) but from the tail's own sum. XLA: β ∈ {0, 0.5} (traced);
+    Pallas: β = 0."""
+    n = 12 if implementation == "pallas" else 24
+    p = concentrated_student(make_topk_problem(n=n, vocab=VOCAB, k=7, temperature=2.0, seed=5), q_tail=1e-7)
+    z = np.asarray(p.student_hidden, np.float64) / p.temperature
+    q = np.exp(z - z.max(-1, keepdims=True))
+    q /= q.sum(-1, keepdims=True)
+    in_ids = np.zeros(z.shape, bool)
+    np.put_along_axis(in_ids, np.asarray(p.teacher_ids, np.int64), True, axis=-1)
+    q_tail = np.sum(np.where(in_ids, 0.0, q), axis=-1)
+    assert 1e-8 < q_tail.min() and q_tail.max() < 1e-6, (q_tail.min(), q_tail.max())
+    assert np.min(1 - np.sum(np.exp(np.asarray(p.teacher_logprobs, np.float64)), -1)) > 0.5
+    if implementation == "pallas":
+        want = check_f32(p, implementation="pallas", chunk_size=4, beta=0.0, temperature=2.0)
+        assert want.loss > 5.0  # the tail term dominates
+        return
+    for beta in (0.0, 0.5):
+        want = check_f32(p, beta=beta, temperature=2.0, traced_hyper=True)
+        assert want.loss > (5.0 if beta == 0 else 0.2)
+
+
+# The next tests pass β, T and the weights traced (standard_problem's shape): one compile per tail.
+EDGE = dict(temperature=TEMPERATURE, hard_weight=0.3, traced_hyper=True)
+
+
+@pytest.mark.parametrize("label_in_ids", [True, False], ids=["label-in-ids", "label-not-in-ids"])
+def test_label_inside_or_outside_the_ids(label_in_ids):
+    p = standard_problem(seed=3, label_in_ids=label_in_ids)
+    check_f32(p, beta=0.3, **EDGE)
+
+
+@pytest.mark.parametrize("tail", ["bucket", "renormalize"])
+def test_zero_probability_teacher_entries(tail):
+    """−inf log-probs (a teacher that cached fewer than k entries) contribute 0; finite gradients."""
+    p = standard_problem(seed=6, neg_inf_entries=2)
+    for beta in (0.0, 0.5):
+        check_f32(p, beta=beta, tail=tail, **EDGE)
+
+
+def test_teacher_mass_summing_past_one_gives_an_empty_tail_bucket():
+    """Σ P_i rounds above 1: P_tail = max(0, 1 − Σ P_i) = 0, a bucket of probability 0 (no NaN)."""
+    p = standard_problem(seed=7)
+    w = np.random.default_rng(7).dirichlet(np.ones(7), size=29)
+    logprobs = np.sort(np.log(w), axis=-1)[:, ::-1] + 1e-6  # Σ exp = 1 + 1e-6
+    p = dataclasses.replace(p, teacher_logprobs=jnp.asarray(logprobs, jnp.float32))
+    assert np.all(np.sum(np.exp(np.asarray(p.teacher_logprobs, np.float64)), -1) > 1)
+    for beta in (0.0, 0.5):
+        check_f32(p, beta=beta, tail="bucket", **EDGE)
+
+
+def test_cotangent_sum_reduction_and_where():
+    p = standard_problem(seed=8)
+    where = jnp.arange(29) % 3 != 0
+    check_f32(p, cotangent=-3.7, where=where, beta=0.5, reduction="sum", **EDGE)
+    check_f32(p, cotangent=2.5, where=where, beta=1.0, **EDGE)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_all_rows_ignored_gives_zero_loss_and_gradients(reduction):
+    p = standard_problem(seed=13, ignored_fraction=1.0)
+    loss, grads = fused_value_and_grads(
+        p, beta=0.5, temperature=TEMPERATURE, hard_weight=1.0, reduction=reduction, traced_hyper=True, chunk_size=8
+    )
+    assert float(loss) == 0.0
+    for g in grads:
+        assert bool(jnp.all(g == 0))
+
+
+def test_leading_dims_vocab_major_weight_and_no_bias():
+    """(3, 7, H) hidden states with (3, 7, k) ids, a (V, H) student weight, no bias: the gradient
+    comes back in the weight's (V, H) layout."""
+    p = make_topk_problem(vocab=VOCAB, k=7, temperature=2.0, lead_shape=(3, 7), bias=False, seed=9)
+    options = dict(beta=0.5, temperature=2.0, hard_weight=0.5, tail="bucket")
+
+    def f(xs, ws):
+        return fused_linear_topk_distill_loss(
+            xs, ws, p.teacher_ids, p.teacher_logprobs, p.labels, chunk_size=8, student_weight_layout="vh", **options
+        )
+
+    loss, (g_x, g_w) = jax.jit(jax.value_and_grad(f, argnums=(0, 1)))(p.student_hidden, p.student_weight.T)
+    want = oracle64(p, **options)
+    np.testing.assert_allclose(float(loss), want.loss, rtol=F32_LOSS_RTOL, atol=1e-7)
+    assert g_x.shape == p.student_hidden.shape and g_w.shape == (VOCAB, 16)
+    assert relative_error(g_x, want.grads[0]) < F32_GRAD_RTOL
+    assert relative_error(g_w.T, want.grads[1]) < F32_GRAD_RTOL
+
+
+def dense_loss_numpy(p: TopKProblem, beta, temperature, hard_weight):
+    """The dense loss against the teacher head (0 < β < 1), from the definitions in numpy float64."""
+    f64 = lambda x: np.asarray(x, np.float64)  # noqa: E731
+    z_s = f64(p.student_hidden) @ f64(p.student_weight) + f64(p.student_bias)
+    z_t = f64(p.teacher_hidden) @ f64(p.teacher_weight) + f64(p.teacher_bias)
+
+    def log_softmax(z):
+        z = z - z.max(-1, keepdims=True)
+        return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+    log_q, log_p = log_softmax(z_s / temperature), log_softmax(z_t / temperature)
+    q, pt = np.exp(log_q), np.exp(log_p)
+    log_m = np.log(beta * pt + (1 - beta) * q)
+    soft = beta * np.sum(pt * (log_p - log_m), -1) + (1 - beta) * np.sum(q * (log_q - log_m), -1)
+    valid = p.valid
+    labels = np.where(valid, np.asarray(p.labels), 0)
+    hard = -np.take_along_axis(log_softmax(z_s), labels[:, None], -1)[:, 0]
+    return float(np.sum(np.where(valid, soft + hard_weight * hard, 0)) / max(1, valid.sum()))
+
+
+def test_whole_vocabulary_cached_equals_the_dense_loss():
+    """With every column but one cached (bucket: the tail is that column) or all of them
+    (renormalize), the top-k loss is the dense loss against the teacher head."""
+    vocab = 41
+    options = dict(beta=0.5, temperature=2.0, hard_weight=0.3)
+    for tail, k in (("bucket", vocab - 1), ("renormalize", vocab)):
+        p = make_topk_problem(n=13, vocab=vocab, k=k, temperature=2.0, seed=10)
+        want = check_f32(p, tail=tail, chunk_size=4, **options)
+        np.testing.assert_allclose(want.loss, dense_loss_numpy(p, **options), rtol=1e-6)  # the oracle itself
+
+
+def test_golden_values_against_numpy():
+    """2 rows × 5 classes, identity head, k = 2, computed in numpy from the definitions."""
+    z_s = np.array([[1.0, -2.0, 0.5, 3.0, 0.0], [0.2, 0.1, -1.0, 2.0, -0.5]])
+    ids = np.array([[2, 3], [3, 0]])
+    p_ids = np.array([[0.5, 0.3], [0.6, 0.25]])
+    temperature = 2.0
+    q = np.exp(z_s / temperature)
+    q /= q.sum(axis=1, keepdims=True)
+    q_ids = np.take_along_axis(q, ids, axis=1)
+    buckets = (
+        np.concatenate([p_ids, 1 - p_ids.sum(1, keepdims=True)], 1),
+        np.concatenate([q_ids, 1 - q_ids.sum(1, keepdims=True)], 1),
+    )
+    renormalized = (p_ids / p_ids.sum(1, keepdims=True), q_ids / q_ids.sum(1, keepdims=True))
+
+    def kl(a, b):
+        return np.sum(a * np.log(a / b), axis=1)
+
+    def jsd(p, q, beta):
+        if beta == 0:
+            return kl(p, q)
+        if beta == 1:
+            return kl(q, p)
+        m = beta * p + (1 - beta) * q
+        return beta * kl(p, m) + (1 - beta) * kl(q, m)
+
+    p = TopKProblem(
+        student_hidden=jnp.asarray(z_s, jnp.float32),
+        student_weight=jnp.eye(5, dtype=jnp.float32),
+        student_bias=None,
+        teacher_ids=jnp.asarray(ids, jnp.int32),
+        teacher_logprobs=jnp.asarray(np.log(p_ids), jnp.float32),
+        labels=jnp.array([0, 3]),
+        teacher_hidden=None,
+        teacher_weight=None,
+        teacher_bias=None,
+        temperature=temperature,
+    )
+    for tail, (pp, qq) in (("bucket", buckets), ("renormalize", renormalized)):
+        for beta in (0.0, 0.5, 1.0):
+            want = jsd(pp, qq, beta).mean()
+            options = dict(beta=beta, temperature=temperature, tail=tail)
+            got, _ = fused_value_and_grads(p, chunk_size=1, traced_hyper=True, **options)
+            np.testing.assert_allclose(float(got), want, rtol=1e-6, err_msg=f"{tail} beta={beta}")
+            np.testing.assert_allclose(oracle64(p, **options).loss, want, rtol=1e-6)
+
+
+# --- options, jit, gradients of the weights, aux ----------------------------------------------------
+
+
+def test_jit_with_traced_hyper_parameters_does_not_recompile():
+    """β, T, soft_weight and hard_weight as arguments of a jitted step: one trace, one
+    executable, each value matching the oracle (β = 0 and 1 select their KL branch at run time)."""
+    p = standard_problem(seed=11)
+    traces = []
+
+    @jax.jit
+    def step(xs, ws, beta, temperature, soft_weight, hard_weight):
+        traces.append(1)
+        return jax.value_and_grad(fused_linear_topk_distill_loss, argnums=(0, 1))(
+            xs,
+            ws,
+            p.teacher_ids,
+            p.teacher_logprobs,
+            p.labels,
+            student_bias=p.student_bias,
+            beta=beta,
+            temperature=temperature,
+            soft_weight=soft_weight,
+            hard_weight=hard_weight,
+            chunk_size=8,
+            implementation="xla",
+        )
+
+    hypers = [(0.0, 2.0, 1.0, 0.0), (0.3, 1.5, 0.5, 0.5), (1.0, 0.5, 1.0, 0.1)]
+    results = []
+    for beta, temperature, soft_weight, hard_weight in hypers:
+        loss, (g_x, g_w) = step(p.student_hidden, p.student_weight, beta, temperature, soft_weight, hard_weight)
+        want = oracle64(p, beta=beta, temperature=temperature, soft_weight=soft_weight, hard_weight=hard_weight)
+        np.testing.assert_allclose(float(loss), want.loss, rtol=F32_LOSS_RTOL)
+        assert relative_error(g_x, want.grads[0]) < F32_GRAD_RTOL
+        assert relative_error(g_w, want.grads[1]) < F32_GRAD_RTOL
+        results.append(float(loss))
+    assert len(traces) == 1 and step._cache_size() == 1
+    assert len(set(results)) == len(hypers)
+
+
+def test_return_aux_weight_gradients_and_zero_teacher_gradient():
+    """aux = soft_loss, hard_loss, num_valid_tokens; d/d(soft_weight) = soft_loss and
+    d/d(hard_weight) = hard_loss exactly; the teacher's log-probs get zeros; the aux parts carry no
+    gradient (added to the loss, they leave the weight gradient the oracle's)."""
+    p = standard_problem(seed=12)
+    options = dict(beta=0.5, temperature=2.0, tail="bucket", chunk_size=7)
+
+    def f(soft_weight, hard_weight, logprobs, ws):
+        loss, aux = fused_linear_topk_distill_loss(
+            p.student_hidden,
+            ws,
+            p.teacher_ids,
+            logprobs,
+            p.labels,
+            student_bias=p.student_bias,
+            soft_weight=soft_weight,
+            hard_weight=hard_weight,
+            return_aux=True,
+            **options,
+        )
+        return loss + aux["soft_loss"] + aux["hard_loss"], (loss, aux)
+
+    grads, (loss, aux) = jax.jit(jax.grad(f, argnums=(0, 1, 2, 3), has_aux=True))(
+        0.7, 0.4, p.teacher_logprobs, p.student_weight
+    )
+    g_soft, g_hard, g_logprobs, g_w = grads
+    want = oracle64(p, beta=0.5, temperature=2.0, soft_weight=0.7, hard_weight=0.4, tail="bucket")
+    assert set(aux) == {"soft_loss", "hard_loss", "num_valid_tokens"}
+    assert int(aux["num_valid_tokens"]) == int(np.sum(p.valid)) == int(want.aux["num_valid_tokens"])
+    np.testing.assert_allclose(float(loss), want.loss, rtol=F32_LOSS_RTOL)
+    np.testing.assert_allclose(float(aux["soft_loss"]), want.aux["soft_loss"], rtol=F32_LOSS_RTOL)
+    np.testing.assert_allclose(float(aux["hard_loss"]), want.aux["hard_loss"], rtol=F32_LOSS_RTOL)
+    np.testing.assert_allclose(float(g_soft), float(aux["soft_loss"]), rtol=1e-6)
+    np.testing.assert_allclose(float(g_hard), float(aux["hard_loss"]), rtol=1e-6)
+    assert g_logprobs.shape == p.teacher_logprobs.shape and bool(jnp.all(g_logprobs == 0))
+    assert relative_error(g_w, want.grads[1]) < F32_GRAD_RTOL
+
+
+# --- bad ids, ignored rows, errors ------------------------------------------------------------------
+
+
+def garbage_in_rows(p: TopKProblem, rows) -> TopKProblem:
+    """Out-of-range, negative and repeated ids and NaN/±inf/huge log-probs in ``rows``."""
+    ids = np.array(p.teacher_ids)
+    logprobs = np.array(p.teacher_logprobs)
+    fills = [(10**6, np.nan), (-5, np.inf), (3, -np.inf), (VOCAB, 1e30)]
+    for i, row in enumerate(rows):
+        bad_id, bad_lp = fills[i % len(fills)]
+        ids[row, :] = bad_id  # all equal: repeated, and out of range for most fills
+        ids[row, 0] = -(10**6)
+        logprobs[row, :] = bad_lp
+    return dataclasses.replace(p, teacher_ids=jnp.asarray(ids), teacher_logprobs=jnp.asarray(logprobs))
+
+
+def eager_loss(p: TopKProblem, where=None):
+    """The loss called outside jit (concrete ids), with the options of ``EDGE`` and β = 0.5."""
+    where = jnp.ones(p.labels.shape, bool) if where is None else where
+    return fused_linear_topk_distill_loss(
+        p.student_hidden,
+        p.student_weight,
+        p.teacher_ids,
+        p.teacher_logprobs,
+        p.labels,
+        student_bias=p.student_bias,
+        where=where,
+        beta=0.5,
+        temperature=TEMPERATURE,
+        hard_weight=0.3,
+    )
+
+
+def test_ignored_and_masked_rows_are_not_read():
+    """Rows with label = ignore_index, and rows masked by ``where``, may hold any ids and
+    log-probs (out of range, repeated, NaN): the loss and gradients are the clean problem's, and
+    concrete garbage there raises nothing. (The Pallas grid above has garbage in its ignored rows.)"""
+    p = standard_problem(seed=14)
+    where = jnp.arange(29) % 5 != 2
+    masked = np.flatnonzero(~p.valid | ~np.asarray(where))
+    assert len(masked) >= 6
+    dirty = garbage_in_rows(p, masked)
+    # Concrete ids (no jit): the repeated-ids check runs, and must skip these rows.
+    eager = eager_loss(dirty, where)
+    want = check_f32(dirty, where=where, beta=0.5, **EDGE)  # the oracle never reads those rows
+    clean = oracle64(p, where=where, beta=0.5, temperature=TEMPERATURE, hard_weight=0.3)
+    np.testing.assert_allclose(want.loss, clean.loss, rtol=1e-12)
+    np.testing.assert_allclose(float(eager), want.loss, rtol=F32_LOSS_RTOL)
+
+
+def test_out_of_range_id_in_a_valid_row_gives_nan():
+    p = standard_problem(seed=15, ignored_fraction=0.0)
+    for bad in (VOCAB, 10**6, -1):
+        q = dataclasses.replace(p, teacher_ids=p.teacher_ids.at[4, 3].set(bad))
+        loss, _ = fused_value_and_grads(q, beta=0.5, **EDGE, chunk_size=8)
+        assert np.isnan(float(loss)), bad
+    assert np.isnan(float(eager_loss(q)))
+
+
+def test_repeated_ids_raise_when_concrete_and_give_nan_when_traced():
+    p = standard_problem(seed=16, ignored_fraction=0.0)
+    q = dataclasses.replace(p, teacher_ids=p.teacher_ids.at[6, 5].set(p.teacher_ids[6, 1]))
+    with pytest.raises(ValueError, match=r"teacher_ids|repeat|duplicate"):
+        eager_loss(q)
+    loss, _ = fused_value_and_grads(q, beta=0.5, **EDGE, chunk_size=8)
+    assert np.isnan(float(loss))
+    loss, _ = fused_value_and_grads(p, beta=0.5, **EDGE, chunk_size=8)
+    assert np.isfinite(float(loss))
+
+
+N_BAD, K_BAD = 10, 7
+BAD_INPUTS = {
+    "tail-name": (dict(tail="tails"), ValueError, "tail"),
+    "tail-none": (dict(tail=None), (ValueError, TypeError), "tail"),
+    "float-ids": (dict(teacher_ids=jnp.zeros((N_BAD, K_BAD), jnp.float32)), TypeError, "teacher_ids"),
+    "ids-leading-dims": (dict(teacher_ids=jnp.zeros((N_BAD + 1, K_BAD), jnp.int32)), ValueError, "teacher_ids"),
+    "ids-rank": (dict(teacher_ids=jnp.zeros((N_BAD,), jnp.int32)), ValueError, "teacher_ids"),
+    "logprobs-k": (dict(teacher_logprobs=jnp.zeros((N_BAD, K_BAD + 1), jnp.float32)), ValueError, "teacher_logprobs"),
+    "logprobs-leading-dims": (
+        dict(teacher_logprobs=jnp.zeros((2, N_BAD // 2, K_BAD), jnp.float32)),
+        ValueError,
+        "teacher_logprobs",
+    ),
+    "int-logprobs": (
+        dict(teacher_logprobs=jnp.zeros((N_BAD, K_BAD), jnp.int32)),
+        (TypeError, ValueError),
+        "teacher_logprobs",
+    ),
+    "k-above-vocab": (
+        dict(
+            teacher_ids=jnp.zeros((N_BAD, VOCAB + 1), jnp.int32),
+            teacher_logprobs=jnp.zeros((N_BAD, VOCAB + 1), jnp.float32),
+        ),
+        ValueError,
+        "",
+    ),
+    "beta-above-1": (dict(beta=1.5), ValueError, "beta"),
+    "temperature-zero": (dict(temperature=0.0), ValueError, "temperature"),
+    "hidden-size": (dict(student_hidden=jnp.ones((N_BAD, 15))), ValueError, "student_hidden"),
+    "labels-shape": (dict(labels=jnp.zeros((N_BAD + 1,), jnp.int32)), ValueError, "labels"),
+    "reduction": (dict(reduction="avg"), ValueError, "reduction"),
+    "implementation": (dict(implementation="cuda"), ValueError, "implementation"),
+    "weight-layout": (dict(student_weight_layout="kv"), ValueError, "student_weight_layout"),
+}
+POSITIONAL = ("student_hidden", "student_weight", "teacher_ids", "teacher_logprobs", "labels")
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS), ids=list(BAD_INPUTS))
+def test_bad_input_raises_at_trace_time(case):
+    p = make_topk_problem(n=N_BAD, vocab=VOCAB, k=K_BAD, bias=False, seed=17)
+    override, error, name = BAD_INPUTS[case]
+    args = {name: getattr(p, name) for name in POSITIONAL}
+    kwargs = {}
+    for key, value in override.items():
+        (args if key in args else kwargs)[key] = value
+    with pytest.raises(error, match=name or None):
+        jax.jit(lambda *a: fused_linear_topk_distill_loss(*a, **kwargs)).trace(*(args[n] for n in POSITIONAL))
+
+
+# --- memory -------------------------------------------------------------------------------------------
+
+
+def loss_temp_bytes(n, vocab=32000, hidden=64, k=64, chunk_size=256):
+    shapes = (
+        jax.ShapeDtypeStruct((n, hidden), jnp.float32),
+        jax.ShapeDtypeStruct((hidden, vocab), jnp.float32),
+        jax.ShapeDtypeStruct((n, k), jnp.int32),
+        jax.ShapeDtypeStruct((n, k), jnp.float32),
+        jax.ShapeDtypeStruct((n,), jnp.int32),
+    )
+    loss = functools.partial(
+        fused_linear_topk_distill_loss, beta=0.5, hard_weight=0.5, chunk_size=chunk_size, implementation="xla"
+    )
+    compiled = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(*shapes).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+
+
+def test_loss_temp_memory_is_bounded_by_the_chunk_not_by_n():
+    small, large = loss_temp_bytes(2048), loss_temp_bytes(16384)
+    full_logits_f32 = 16384 * 32000 * 4
+    assert large < 1.3 * small, (small, large)
+    assert large < full_logits_f32 / 4, (large, full_logits_f32)
+
+
+def topk_temp_bytes(n, vocab=32000, hidden=64, k=64, chunk_size=256):
+    shapes = (jax.ShapeDtypeStruct((n, hidden), jnp.float32), jax.ShapeDtypeStruct((hidden, vocab), jnp.float32))
+    fn = functools.partial(teacher_topk, k=k, temperature=2.0, chunk_size=chunk_size)
+    compiled = jax.jit(fn).lower(*shapes).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+
+
+def test_teacher_topk_temp_memory_is_bounded_by_the_chunk_not_by_n():
+    """Beyond the chunk's logits, temporaries may hold the (N, k) outputs a few times, never (N, V)."""
+    k = 64
+    small, large = topk_temp_bytes(2048, k=k), topk_temp_bytes(16384, k=k)
+    outputs_growth = (16384 - 2048) * k * 8  # int32 ids + float32 log-probs
+    full_logits_f32 = 16384 * 32000 * 4
+    assert large < 1.3 * small + 2 * outputs_growth, (small, large)
+    assert large < full_logits_f32 / 4, (large, full_logits_f32)
+
+
+# --- teacher_topk -------------------------------------------------------------------------------------
+
+TOPK_CASES = {
+    # name: (lead, k, layout, bias, temperature, chunk_size, jit)
+    "hv-bias-chunk5-jit": ((23,), 7, "hv", True, 2.0, 5, True),
+    "vh-lead-dims-k64": ((3, 7), 64, "vh", False, 0.7, 4, False),
+    "hv-k1-default-chunk": ((9,), 1, "hv", True, 1.0, None, True),
+}
+
+
+@pytest.mark.parametrize("case", TOPK_CASES.values(), ids=TOPK_CASES.keys())
+def test_teacher_topk_equals_lax_top_k_of_the_full_log_softmax(case):
+    lead, k, layout, bias, temperature, chunk_size, use_jit = case
+    p = make_topk_problem(vocab=VOCAB, k=k, temperature=temperature, lead_shape=lead, bias=bias, seed=20 + k)
+    wt = p.teacher_weight if layout == "hv" else p.teacher_weight.T
+    fn = functools.partial(
+        teacher_topk, k=k, teacher_bias=p.teacher_bias, temperature=temperature, weight_layout=layout
+    )
+    if chunk_size is not None:
+        fn = functools.partial(fn, chunk_size=chunk_size)
+    out = (jax.jit(fn) if use_jit else fn)(p.teacher_hidden, wt)
+    ids, logprobs = out
+    assert out.ids is ids and out.logprobs is logprobs  # a named tuple
+    assert ids.shape == logprobs.shape == lead + (k,)
+    # Against float64: ids (up to near-ties) and log-probs.
+    full64 = full_teacher_logprobs64(p.teacher_hidden, p.teacher_weight, p.teacher_bias, temperature)
+    near_ties = assert_topk_matches(ids, logprobs, full64, k, atol=1e-5)
+    # Against lax.top_k of the plain float32 full log_softmax.
+    want_ids, want_logprobs = lax_topk_f32(p.teacher_hidden, wt, p.teacher_bias, temperature, k=k, layout=layout)
+    np.testing.assert_allclose(np.asarray(logprobs), np.asarray(want_logprobs), rtol=F32_LOSS_RTOL, atol=1e-6)
+    assert near_ties == 0  # these seeds have no near-ties: the ids are exactly lax.top_k's
+    np.testing.assert_array_equal(np.asarray(ids), np.asarray(want_ids))
+    np.testing.assert_array_equal(np.asarray(ids), np.asarray(p.teacher_ids))  # the generator's cached teacher
+
+
+@pytest.mark.parametrize("k", [0, -1, VOCAB + 1, 2.5, True, "3", None], ids=repr)
+def test_teacher_topk_bad_k(k):
+    p = make_topk_problem(n=4, vocab=VOCAB, k=1, seed=30)
+    with pytest.raises((ValueError, TypeError)):
+        teacher_topk(p.teacher_hidden, p.teacher_weight, k)
+
+
+def test_teacher_topk_k_equal_to_vocab_is_the_sorted_log_softmax():
+    p = make_topk_problem(n=5, vocab=VOCAB, k=1, seed=31)
+    ids, logprobs = teacher_topk(p.teacher_hidden, p.teacher_weight, VOCAB, teacher_bias=p.teacher_bias)
+    full64 = full_teacher_logprobs64(p.teacher_hidden, p.teacher_weight, p.teacher_bias, 1.0)
+    assert_topk_matches(ids, logprobs, full64, VOCAB, atol=1e-5)
+
+
+# --- shard_map over 2 simulated devices ----------------------------------------------------------------
+
+
+def test_shard_map_over_two_devices_with_axis_name():
+    """Inside shard_map (check_vma=True), tokens sharded over 2 devices with 9 and 4 valid rows:
+    the psum of the returned losses (and their gradients) is the global mean of the oracle."""
+    from distill_setup import last_json_line, run_python
+
+    proc = run_python("tests/test_topk.py", "shard-map", devices=2)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    result = last_json_line(proc.stdout)
+    assert result["devices"] == 2
+    assert result["valid_per_device"] == [9, 4]
+    assert result["num_valid_tokens"] == 13
+    whole, sharded, oracle = result["loss"]
+    assert sharded == pytest.approx(whole, rel=1e-6)
+    assert sharded == pytest.approx(oracle, rel=F32_LOSS_RTOL)
+    assert max(result["grad_rel_diff_single"]) < 1e-5, result["grad_rel_diff_single"]
+    assert max(result["grad_rel_err_oracle"]) < F32_GRAD_RTOL, result["grad_rel_err_oracle"]
+
+
+def shard_map_worker() -> dict:
+    from jax.sharding import Mesh
+    from jax.sharding import PartitionSpec as P
+
+    jax.config.update("jax_default_matmul_precision", "highest")
+    p = make_topk_problem(n=32, vocab=VOCAB, k=7, temperature=2.0, ignored_fraction=0.0, seed=40)
+    labels = np.asarray(p.labels).copy()
+    labels[np.r_[9:16, 20:32]] = -100  # device 0: 9 valid rows of 16, device 1: 4
+    p = dataclasses.replace(p, labels=jnp.asarray(labels))
+    options = dict(beta=0.3, temperature=2.0, hard_weight=0.5, tail="bucket", chunk_size=5, implementation="xla")
+
+    def loss(xs, ws, bs, ids, logprobs, labels, axis_name=None, return_aux=False):
+        return fused_linear_topk_distill_loss(
+            xs, ws, ids, logprobs, labels, student_bias=bs, axis_name=axis_name, return_aux=return_aux, **options
+        )
+
+    args = (p.student_hidden, p.student_weight, p.student_bias, p.teacher_ids, p.teacher_logprobs, p.labels)
+    whole_loss, whole_grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(*args)
+    mesh = Mesh(np.array(jax.devices()), ("data",))
+    specs = (P("data"), P(), P(), P("data"), P("data"), P("data"))
+
+    def global_loss(*a):
+        mapped = jax.shard_map(
+            lambda *b: jax.lax.psum(loss(*b, axis_name="data"), "data"), mesh=mesh, in_specs=specs, out_specs=P()
+        )
+        return mapped(*a)
+
+    sharded_loss, sharded_grads = jax.jit(jax.value_and_grad(global_loss, argnums=(0, 1, 2)))(*args)
+    count = jax.jit(
+        jax.shard_map(
+            lambda *b: loss(*b, axis_name="data", return_aux=True)[1]["num_valid_tokens"],
+            mesh=mesh,
+            in_specs=specs,
+            out_specs=P(),
+        )
+    )(*args)
+    want = oracle64(p, beta=0.3, temperature=2.0, hard_weight=0.5, tail="bucket")
+    return {
+        "devices": len(jax.devices()),
+        "valid_per_device": [int(np.sum(labels[:16] != -100)), int(np.sum(labels[16:] != -100))],
+        "num_valid_tokens": int(count),
+        "loss": [float(whole_loss), float(sharded_loss), float(want.loss)],
+        "grad_rel_diff_single": [relative_error(a, b) for a, b in zip(sharded_grads, whole_grads, strict=True)],
+        "grad_rel_err_oracle": [relative_error(a, b) for a, b in zip(sharded_grads, want.grads, strict=True)],
+    }
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:] == ["shard-map"]:
+        print(json.dumps(shard_map_worker()))
+    else:
+        raise SystemExit(f"usage: {sys.argv[0]} shard-map")
