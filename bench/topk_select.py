@@ -15,14 +15,16 @@ logits), median / p10 / p90 of ``--iters`` calls after ``--warmup``:
   ``lax.top_k`` over the G·k candidates; checked equal to ``top_k`` (ids and values);
 * ``approx_max_k``: ``lax.approx_max_k(z, k, recall_target=1.0)`` (its error, where it does not
   run, is recorded instead), with whether it equals ``top_k``;
+* ``exact_top_k tile=…``: the library's own exact selection (:func:`jaxdistill.topk.exact_top_k`:
+  the k tiles with the largest maxima, then the top-k of their entries), checked equal to ``top_k``;
 * ``teacher_topk``: the library's whole chunk, ``jax.jit(teacher_topk)`` on the chunk's rows
-  (matmul + log normalizer + ``lax.top_k``);
+  (matmul + log normalizer + its selection);
 * ``chunk two-stage G=…``: the same chunk with the fastest exact two-stage top-k in place of
   ``lax.top_k`` (ids checked equal to ``teacher_topk``'s, log-probs' largest difference recorded).
 
 Each row also gives its median over ``matmul``'s. Writes ``topk_select.json`` (with date, device,
 jax and jaxlib versions, git sha) into ``--out`` and prints a table. Exits with status 1 when a
-two-stage result differs from ``lax.top_k``'s.
+two-stage or ``exact_top_k`` result differs from ``lax.top_k``'s.
 """
 
 from __future__ import annotations
@@ -42,9 +44,10 @@ from jax import lax
 import jaxdistill
 from bench import common, suite
 from bench.cases import PRESETS, Problem
+from jaxdistill.topk import TOP_K_TILE, exact_top_k
 
-FULL = dict(preset="llama", rows=1024, k=64, groups=(16, 64, 256), warmup=2, iters=10)
-TINY = dict(preset="tiny", rows=64, k=8, groups=(4, 16, 64), warmup=1, iters=3)
+FULL = dict(preset="llama", rows=1024, k=64, groups=(16, 64, 256), tile=TOP_K_TILE, warmup=2, iters=10)
+TINY = dict(preset="tiny", rows=64, k=8, groups=(4, 16, 64), tile=32, warmup=1, iters=3)
 
 
 def two_stage_top_k(z, k: int, groups: int):
@@ -102,7 +105,8 @@ def same_top_k(got, want) -> bool:
 
 
 def run(settings: dict) -> tuple[list[dict], bool]:
-    """All rows of one chunk; returns (rows, whether every two-stage result equals lax.top_k's)."""
+    """All rows of one chunk; returns (rows, whether every two-stage and exact_top_k result equals
+    lax.top_k's)."""
     preset = PRESETS[settings["preset"]]
     problem = Problem(settings["preset"], settings["rows"], preset.hidden_teacher, preset.hidden_student, preset.vocab)
     inputs = suite.make_inputs(problem)
@@ -130,6 +134,11 @@ def run(settings: dict) -> tuple[list[dict], bool]:
         if equal and (best is None or rows[-1]["ms"]["median"] < best[0]):
             best = (rows[-1]["ms"]["median"], groups)
     got = timed("approx_max_k", functools.partial(approx_top_k, k=k), (z,))
+    if got is not None:
+        rows[-1]["equal_to_top_k"] = same_top_k(got, want)
+    tile = settings["tile"]
+    got = timed(f"exact_top_k tile={tile}", functools.partial(exact_top_k, k=k, tile=tile), (z,))
+    exact &= got is not None and same_top_k(got, want)
     if got is not None:
         rows[-1]["equal_to_top_k"] = same_top_k(got, want)
     del z, want, got
@@ -167,13 +176,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--tiny",
         action="store_true",
-        help="the CPU smoke run: tiny preset (Ht 64, V 1000), 64 rows, k 8, G 4 16 64, 1 warm-up, 3 timed calls "
-        "(default: llama, Ht 4096, V 128256, 1024 rows, k 64, G 16 64 256, 2 warm-ups, 10 timed calls)",
+        help="the CPU smoke run: tiny preset (Ht 64, V 1000), 64 rows, k 8, G 4 16 64, tile 32, 1 warm-up, "
+        "3 timed calls (default: llama, Ht 4096, V 128256, 1024 rows, k 64, G 16 64 256, the library's tile, "
+        "2 warm-ups, 10 timed calls)",
     )
     parser.add_argument("--rows", type=int, default=None, help="rows of the chunk (default: 1024, or 64 with --tiny)")
     parser.add_argument("--k", type=int, default=None, help="k (default: 64, or 8 with --tiny)")
     parser.add_argument(
         "--groups", type=int, nargs="+", default=None, help="G of the two-stage rows (default: 16 64 256, or 4 16 64)"
+    )
+    parser.add_argument(
+        "--tile",
+        type=int,
+        default=None,
+        help=f"tile of the exact_top_k row (default: the library's, {TOP_K_TILE}, or 32 with --tiny)",
     )
     parser.add_argument("--warmup", type=int, default=None, help="untimed calls per row (default: 2, or 1 with --tiny)")
     parser.add_argument("--iters", type=int, default=None, help="timed calls per row (default: 10, or 3 with --tiny)")
@@ -184,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     settings = dict(TINY if args.tiny else FULL)
-    for name in ("rows", "k", "groups", "warmup", "iters"):
+    for name in ("rows", "k", "groups", "tile", "warmup", "iters"):
         if getattr(args, name) is not None:
             settings[name] = tuple(args.groups) if name == "groups" else getattr(args, name)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -200,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         "jaxlib_version": common.package_version("jaxlib"),
         "argv": sys.argv[1:] if argv is None else argv,
         "config": {**settings, "hidden": preset.hidden_teacher, "vocab": preset.vocab, "dtype": "bfloat16"},
-        "two_stage_exact": exact,
+        "exact": exact,  # every two-stage and exact_top_k result equals lax.top_k's
         "wall_s": time.perf_counter() - start,
         "rows": rows,
     }

@@ -184,11 +184,21 @@ def test_topk_select_tiny_run_checks_the_two_stage_results(tmp_path, monkeypatch
     argv = ["--tiny", "--out", str(tmp_path), "--iters", "2", "--git-sha", "cafe"]
     assert topk_select.main(argv) == 1
     result = json.loads((tmp_path / "topk_select.json").read_text())
-    assert result["git_sha"] == "cafe" and result["jax_version"] == jax.__version__ and not result["two_stage_exact"]
+    assert result["git_sha"] == "cafe" and result["jax_version"] == jax.__version__ and not result["exact"]
     assert result["config"] | {"hidden": 64, "vocab": 1000, "rows": 64, "k": 8} == result["config"]
     rows = {row["name"]: row for row in result["rows"]}
-    assert list(rows)[:6] == ["matmul", "top_k", "two-stage G=4", "two-stage G=16", "two-stage G=64", "approx_max_k"]
+    assert list(rows)[:8] == [
+        "matmul",
+        "top_k",
+        "two-stage G=4",
+        "two-stage G=16",
+        "two-stage G=64",
+        "approx_max_k",
+        "exact_top_k tile=32",  # 32 tiles of 32 > k = 8: the library's two levels, not its fallback
+        "teacher_topk",
+    ]
     assert [rows[f"two-stage G={g}"]["equal_to_top_k"] for g in (4, 16, 64)] == [True, True, False]
+    assert rows["exact_top_k tile=32"]["equal_to_top_k"]
     assert rows["matmul"]["x_matmul"] == 1.0 and rows["teacher_topk"]["x_matmul"] > 0
     [(name, chunk)] = [(name, row) for name, row in rows.items() if name.startswith("chunk two-stage")]
     assert name in ("chunk two-stage G=4", "chunk two-stage G=16")  # the fastest exact one
