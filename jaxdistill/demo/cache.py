@@ -132,6 +132,14 @@ class TopKCache:
         names = [HEADER] + [file_name(field) for field in FIELDS]
         return {name: (self.directory / name).stat().st_size for name in names}
 
+    def mean_mass(self) -> float:
+        """The teacher's mean probability mass in the cached ids, Σ_i P_i averaged over the positions
+        (1 − this is the mean mass of the tail bucket)."""
+        flat = self.logprobs.reshape(-1, self.logprobs.shape[-1])
+        step = 1 << 16
+        total = sum(float(np.exp(flat[i : i + step], dtype=np.float64).sum()) for i in range(0, len(flat), step))
+        return total / len(flat)
+
     @property
     def nbytes(self) -> int:
         """Bytes on disk (the sum of :meth:`file_sizes`)."""

@@ -295,7 +295,13 @@ def _offline_bullets(metrics: dict) -> list[str]:
         f"× {batch} × {seq_len} tokens: the student's batches, in order); {files}; "
         f"**{cache['bytes'] / 1e6:.1f} MB on disk** ({cache['bytes']:,} bytes); built in "
         f"{cache['build_seconds']:.1f} s (teacher forward, top-k and writes, compilation included); read back "
-        "through its header check.",
+        "through its header check."
+        + (
+            f" The k ids hold {100 * cache['mean_topk_mass']:.1f}% of the teacher's probability mass on average "
+            "(the rest is the tail bucket)."
+            if "mean_topk_mass" in cache
+            else ""
+        ),
     ]
 
 

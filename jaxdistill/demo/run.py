@@ -183,6 +183,7 @@ def run(config: DemoConfig, *, trained: dict | None = None, cache_dir: pathlib.P
             "files": sizes,
             "bytes": sum(sizes.values()),
             "build_seconds": timings["teacher_topk_cache"],
+            "mean_topk_mass": topk_cache.mean_mass(),
             "git_sha": topk_cache.header["git_sha"],
         }
         roles.append(("student_offline", f"student (offline top-{config.topk})"))
