@@ -2,6 +2,7 @@
 third student trained from it, end to end at the tiny preset."""
 
 import json
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -198,3 +199,28 @@ def test_bad_teacher_flags_exit_2(argv, message, capsys):
         main(argv)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_the_readme_cites_the_committed_offline_report():
+    root = pathlib.Path(__file__).resolve().parents[1]
+    committed = "bench/results/2026-12-02-demo-cpu-offline"
+    readme = " ".join((root / "README.md").read_text().split())  # sentences wrap anywhere
+    assert f"`{committed}/`" in readme and "## Offline teacher (top-k cache)" in readme
+    metrics = json.loads((root / committed / "metrics.json").read_text())
+    config, heldout, cached = metrics["config"], metrics["heldout"], metrics["offline_cache"]
+    assert (config["preset"], config["seed"], config["teacher_mode"], config["topk"]) == ("cpu", 0, "offline", 64)
+    for role, label in [
+        ("student_ce", "CE-only student"),
+        ("student_distilled", "online-distilled student"),
+        ("student_offline", "offline-distilled student (top-64)"),
+    ]:
+        h = heldout[role]
+        assert f"| {label} | {h['ce']:.3f} | {h['perplexity']:.1f} | {h['kl_to_teacher']:.3f} |" in readme, role
+    comparison = metrics["comparison_offline"]
+    vs_ce, vs_online = comparison["vs_ce_only"]["ce"], comparison["vs_online"]["ce"]
+    below, above = -vs_ce["offline_minus_ce_only"], vs_online["offline_minus_online"]
+    assert f"{below:.3f} nats/token below CE-only (noise threshold ±{vs_ce['threshold']:.3f})" in readme
+    assert f"{above:.3f} above online distillation (±{vs_online['threshold']:.3f})" in readme
+    assert comparison["placement"] == "between" and "lands between the other two" in readme
+    assert f"in {cached['bytes'] / 1e6:.1f} MB" in readme and f"took {cached['build_seconds']:.1f} s" in readme
+    assert f"{cached['positions']:,} positions" in readme
