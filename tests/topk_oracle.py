@@ -357,7 +357,11 @@ def oracle64(p: TopKProblem, cotangent=1.0, **options) -> Oracle:
     options = {"beta": 0.0, "temperature": 1.0, "soft_weight": 1.0, "hard_weight": 0.0} | options
     numeric = {name: float(options.pop(name)) for name in NUMERIC_OPTIONS}
     where = options.pop("where", None)
-    static = tuple(sorted(options.items())) + (("beta_kind_", "traced"),)
+    where = jnp.ones(p.labels.shape, bool) if where is None else jnp.asarray(where)
+    reduction = options.pop("reduction", "mean")
+    assert reduction in ("mean", "sum"), reduction
+    # One compile per shape and tail: the sum over valid rows, divided below for "mean".
+    static = tuple(sorted(options.items())) + (("beta_kind_", "traced"), ("reduction", "sum"))
     with jax.enable_x64(True):
         q = p.astype(jnp.float64)
         args = (
@@ -367,16 +371,21 @@ def oracle64(p: TopKProblem, cotangent=1.0, **options) -> Oracle:
             q.teacher_ids,
             jnp.asarray(p.teacher_logprobs, jnp.float64),
             q.labels,
-            None if where is None else jnp.asarray(where),
+            where,
             jnp.asarray(cotangent, jnp.float64),
             {name: jnp.asarray(v, jnp.float64) for name, v in numeric.items()},
         )
         loss, grads, aux = compile_cached(_ORACLES, _value_grads_aux, static, *args)
-        return Oracle(
-            np.asarray(loss),
-            tuple(None if g is None else np.asarray(g) for g in grads),
-            {name: np.asarray(v) for name, v in aux.items()},
-        )
+    scale = 1.0 / max(1, int(aux["num_valid_tokens"])) if reduction == "mean" else 1.0
+    return Oracle(
+        np.asarray(loss) * scale,
+        tuple(None if g is None else np.asarray(g) * scale for g in grads),
+        {
+            "soft_loss": np.asarray(aux["soft_loss"]) * scale,
+            "hard_loss": np.asarray(aux["hard_loss"]) * scale,
+            "num_valid_tokens": np.asarray(aux["num_valid_tokens"]),
+        },
+    )
 
 
 def _value_grads_aux(xs, ws, bs, ids, logprobs, labels, where, cotangent, numeric, *, static):
