@@ -191,6 +191,7 @@ def test_teacher_flag():
         (["--teacher", "online:4"], "must be online, offline or offline:K"),
         (["--preset", "tiny", "--teacher", "offline:513"], "K exceeds the vocabulary size 512"),
         (["--cache-dir", "x"], "--cache-dir applies to --teacher offline only"),
+        (["--teacher", "offline", "--out", "r", "--cache-dir", "r/c"], "--cache-dir r/c is inside --out r"),
     ],
     ids=lambda v: " ".join(v) if isinstance(v, list) else None,
 )

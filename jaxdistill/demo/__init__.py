@@ -23,6 +23,13 @@ final pass.
 The report directory (``reports/demo-PRESET`` by default) gets ``metrics.json``, ``summary.md``
 and ``curves.png``, written atomically (see :mod:`jaxdistill.demo.report`).
 
+``--teacher offline[:K]`` adds an offline teacher: after phase 2 the teacher's top-K next tokens
+(K = 64 by default) over the distilled student's batches are cached on disk
+(:mod:`jaxdistill.demo.cache`; ``teacher-topk/`` in the report directory unless ``--cache-dir``),
+and a third identical student is distilled from the cache alone with
+:func:`jaxdistill.fused_linear_topk_distill_loss` (bucket tail, the same β, T and weights); the
+report compares it with the CE-only and the online-distilled students.
+
 Loss choices (defaults of every preset): β = 0, T = 1, hard_weight = 0.25, soft_weight = 1.
 
 - β = 0 is forward KL(teacher‖student): cross-entropy against the teacher's whole next-token

@@ -267,6 +267,11 @@ def parse_config(argv: list[str] | None = None) -> DemoConfig:
         parser.error(f"--teacher offline:{topk}: K exceeds the vocabulary size {settings['vocab_size']}")
     if args.cache_dir is not None and teacher_mode != "offline":
         parser.error("--cache-dir applies to --teacher offline only")
+    if args.cache_dir is not None and args.cache_dir.resolve().is_relative_to(out.resolve()):
+        parser.error(
+            f"--cache-dir {args.cache_dir} is inside --out {out}, which the report replaces; "
+            f"leave --cache-dir out to keep the cache in {out / CACHE_NAME}"
+        )
     return DemoConfig(
         preset=args.preset,
         seed=args.seed,
