@@ -471,7 +471,8 @@ def topk_rows_and_dlogits(
     * ``tail="bucket"``: JSD_β between the (k+1)-bucket distributions (P_ids, 1 − Σ P_ids) and
       (Q_ids, Q_tail), Q_tail = Σ_{v ∉ ids} Q_v summed directly over the tail columns (a second
       pass over them with the ids at −inf), never as 1 − Σ Q_ids; P's tail is
-      log1p(−min(Σ P_ids, 1)).
+      log1p(−min(Σ P_ids, 1)). With k = V there is no tail bucket (P's 1 − Σ P is then the
+      rounding of its log-probs): the loss is the dense one against the renormalized P.
     * ``tail="renormalize"``: JSD_β between P_ids / Σ P_ids and Q_ids / Σ Q_ids.
 
     The divergence of the k+1 (or k) bucket log-probabilities is the dense row math itself
@@ -518,7 +519,11 @@ def topk_rows_and_dlogits(
     teacher_buckets = logprobs.astype(jnp.float32)
     has_tail = tail_stats.sum_q > 0.0
     log_sum_tail = jnp.log(jnp.where(has_tail, tail_stats.sum_q, 1.0))
-    if tail == "bucket":
+    k, vocab = ids.shape[-1], student_logits.shape[-1]
+    # With k = V there is no tail: the teacher's 1 − Σ P is then only the rounding of its cached
+    # log-probs, not a bucket (the loss is the dense one on the renormalized P).
+    tail_bucket = tail == "bucket" and k < vocab
+    if tail_bucket:
         log_q_tail = jnp.where(has_tail, (max_tail0 - max_s0) * inv_t + log_sum_tail, -jnp.inf)
         log_p_tail = jnp.log1p(-jnp.minimum(jnp.sum(jnp.exp(teacher_buckets), axis=-1), 1.0))
         student_buckets = jnp.concatenate([student_buckets, log_q_tail[:, None]], axis=-1)
@@ -542,10 +547,9 @@ def topk_rows_and_dlogits(
     if not with_dlogits:
         return soft, hard, None
 
-    k = ids.shape[-1]
     soft_scale = jnp.where(valid, hyper.scale * hyper.soft_weight * inv_t, 0.0)
     hard_scale = jnp.where(valid, hyper.scale * hyper.hard_weight, 0.0)
-    tail_soft = soft_scale * bucket_grad[:, k] if tail == "bucket" else zero_rows
+    tail_soft = soft_scale * bucket_grad[:, k] if tail_bucket else zero_rows
     coefficients = TailCoefficients(
         max_tail=max_tail0,
         log_sum_tail=log_sum_tail,

@@ -46,8 +46,10 @@ def _check_k(k: int, vocab_size: int, name: str) -> int:
     return k
 
 
-# Columns per tile of the two-level selection of exact_top_k (measured on the H200: see README).
-TOP_K_TILE = 128
+# Columns per tile of the two-level selection of exact_top_k. H200, one (1024, 128256) float32
+# chunk, k = 64 (bench/results/2026-12-02-h200-topk): tile 32 / 64 / 128 / 256 / 512 took
+# 0.85 / 0.81 / 1.24 / 1.74 / 2.94 ms, lax.top_k 9.33 ms.
+TOP_K_TILE = 64
 
 
 def exact_top_k(x, k: int, tile: int = TOP_K_TILE):
@@ -58,7 +60,7 @@ def exact_top_k(x, k: int, tile: int = TOP_K_TILE):
     beaten by the k tiles' maxima, k distinct entries at least as large and, when equal, at lower
     ids. The final ``lax.top_k`` runs over those k·tile candidates, in ascending id order, so
     ties resolve as in ``lax.top_k`` of the whole row. Selection work: R·(V/tile + k·tile)
-    entries instead of R·V (k = 64, V = 128256: 9 % of it).
+    entries instead of R·V (k = 64, V = 128256, tile 64: 5 % of it).
 
     Falls back to ``lax.top_k`` when the row has no more than k tiles.
     """
@@ -226,7 +228,8 @@ def fused_linear_topk_distill_loss(
 
     where, for ``tail="bucket"``, P̃ = (P_1 … P_k, 1 − Σ P_i) and Q̃ = (Q_{id_1} … Q_{id_k},
     Σ_{v ∉ ids} Q_v) are distributions over k + 1 buckets (the student's tail is summed over the
-    tail columns, never formed as 1 − Σ Q_ids; the teacher's is 1 − Σ P_i, floored at 0), and for
+    tail columns, never formed as 1 − Σ Q_ids; the teacher's is 1 − Σ P_i, floored at 0; with
+    k = V there is no tail bucket), and for
     ``tail="renormalize"``, P̃ = P_ids / Σ P_ids and Q̃ = Q_ids / Σ Q_ids. JSD_β, its endpoints
     (β = 0: KL(P̃‖Q̃), β = 1: KL(Q̃‖P̃)), its β-accuracy and the reductions are those of
     :func:`jaxdistill.fused_linear_jsd_loss`; "bucket" with k = V equals the dense forward loss.

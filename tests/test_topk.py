@@ -28,6 +28,7 @@ from topk_oracle import (
     oracle64,
 )
 
+import jaxdistill
 from jaxdistill import fused_linear_topk_distill_loss, teacher_topk
 
 F32_LOSS_RTOL = 1e-5
@@ -708,3 +709,31 @@ if __name__ == "__main__":
         print(json.dumps(shard_map_worker()))
     else:
         raise SystemExit(f"usage: {sys.argv[0]} shard-map")
+
+
+@pytest.mark.parametrize("implementation", ["xla", "pallas"])
+@pytest.mark.parametrize("beta", [0.0, 0.5])
+def test_bucket_with_k_equal_to_v_is_the_dense_loss(beta, implementation):
+    """k = V: no tail bucket (the teacher's 1 − Σ P is only the rounding of its float32
+    log-probs, which an empty student tail would make an infinite KL): the dense loss."""
+    keys = jax.random.split(jax.random.key(3), 5)
+    vocab = 64
+    xs, ws = jax.random.normal(keys[0], (12, 16)), jax.random.normal(keys[1], (16, vocab)) / 2
+    xt, wt = jax.random.normal(keys[2], (12, 24)), jax.random.normal(keys[3], (24, vocab)) / 2
+    labels = jax.random.randint(keys[4], (12,), 0, vocab)
+    cache = jaxdistill.teacher_topk(xt, wt, vocab, temperature=2.0)
+    options = dict(beta=beta, temperature=2.0, hard_weight=0.3)
+
+    def topk(xs, ws):
+        return jaxdistill.fused_linear_topk_distill_loss(
+            xs, ws, cache.ids, cache.logprobs, labels, implementation=implementation, chunk_size=5, **options
+        )
+
+    def dense(xs, ws):
+        return jaxdistill.fused_linear_jsd_loss(xs, ws, xt, wt, labels, implementation="xla", **options)
+
+    got, got_grads = jax.value_and_grad(topk, argnums=(0, 1))(xs, ws)
+    want, want_grads = jax.value_and_grad(dense, argnums=(0, 1))(xs, ws)
+    np.testing.assert_allclose(float(got), float(want), rtol=1e-5)
+    for g, w in zip(got_grads, want_grads, strict=True):
+        assert float(jnp.max(jnp.abs(g - w)) / jnp.max(jnp.abs(w))) < 1e-4

@@ -103,10 +103,11 @@ def _fused_value_and_grads(xs, ws, bs, ids, logprobs, labels, *, options):
     return jax.value_and_grad(scalar, argnums=(0, 1, 2))(xs, ws, bs)
 
 
-@functools.partial(jax.jit, static_argnames=("options",))
-def _unfused_value_and_grads(xs, ws, bs, ids, logprobs, labels, *, options):
+@functools.partial(jax.jit, static_argnames=("options", "compute_dtype"))
+def _unfused_value_and_grads(xs, ws, bs, ids, logprobs, labels, *, options, compute_dtype):
     def scalar(xs, ws, bs):
-        return topk_distill_loss(xs, ws, ids, logprobs, labels, student_bias=bs, **dict(options))
+        xs, ws, bs, lp = (a.astype(compute_dtype) for a in (xs, ws, bs, logprobs))
+        return topk_distill_loss(xs, ws, ids, lp, labels, student_bias=bs, **dict(options))
 
     return jax.value_and_grad(scalar, argnums=(0, 1, 2))(xs, ws, bs)
 
@@ -125,17 +126,19 @@ def fused(p: TopKProblem, **options):
 
 
 def unfused(p: TopKProblem, dtype, **options):
-    """The definitions evaluated without fusion, every floating input cast to ``dtype``: float32
-    is the "float32 statistics" reference, bfloat16 the naive computation a user would write."""
-    cast = lambda x: x.astype(dtype)  # noqa: E731
+    """The definitions evaluated without fusion in ``dtype``, on the problem's own (bf16) inputs:
+    float32 is the "float32 statistics" reference, bfloat16 the naive computation a user would
+    write. Either way the gradients come back in the inputs' dtype, rounded once, as those of
+    the dense loss's reference (``reference.fused_linear_jsd_loss``) do in ``test_fused.py``."""
     return _unfused_value_and_grads(
-        cast(p.student_hidden),
-        cast(p.student_weight),
-        cast(p.student_bias),
+        p.student_hidden,
+        p.student_weight,
+        p.student_bias,
         p.teacher_ids,
-        cast(p.teacher_logprobs),
+        p.teacher_logprobs,
         p.labels,
         options=tuple(sorted(options.items())),
+        compute_dtype=jnp.dtype(dtype),
     )
 
 
