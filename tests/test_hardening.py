@@ -203,3 +203,36 @@ def test_the_readme_nnx_training_example_runs(capsys):
     assert int(metrics["num_valid_tokens"]) == 2 * 8 and np.isfinite(float(metrics["loss"]))
     assert int(namespace["optimizer"].step[...]) == 2  # the loop ran its two optimizer steps
     assert capsys.readouterr().out.startswith("0 ")
+
+
+@pytest.mark.parametrize(
+    "loss_fn",
+    [
+        lambda p, **k: jaxdistill.fused_linear_jsd_loss(*_arrays(p), p.labels, **k),
+        lambda p, **k: jaxdistill.fused_linear_topk_distill_loss(
+            p.student_hidden,
+            p.student_weight,
+            *jaxdistill.teacher_topk(p.teacher_hidden, p.teacher_weight, 3),
+            p.labels,
+            **k,
+        ),
+    ],
+    ids=["dense", "topk"],
+)
+@pytest.mark.parametrize("implementation", [None, "xla"])
+def test_kernel_config_without_the_pallas_implementation_names_what_ran(loss_fn, implementation):
+    """A kernel config outside the Pallas path is an error that says which implementation ran,
+    and that None resolved to it on this backend."""
+    from pallas_kernels import default_row_kernel_config
+
+    p = make_problem(n=6, vocab=10, bias=False)
+    config = default_row_kernel_config(10, "float32")
+    resolved = "pallas" if jax.default_backend() == "gpu" else "xla"
+    if implementation is None and resolved == "pallas":
+        pytest.skip("implementation=None is the Pallas path on a GPU")
+    with pytest.raises(ValueError, match="applies only to implementation='pallas'") as error:
+        loss_fn(p, implementation=implementation, kernel_config=config)
+    if implementation is None:
+        assert f'resolved to "xla" on the {jax.default_backend()} backend' in str(error.value)
+    else:
+        assert "implementation='xla'" in str(error.value)
