@@ -221,11 +221,16 @@ class FusedPlan:
         if self.implementation != "pallas":
             return rowmath.TAIL_PASSES_XLA
         options = dict(config=self.kernel_config, interpret=self.interpret)
+        statistics_kernel = _first_derivatives_only(functools.partial(tail_statistics_pallas, **options))
 
         def statistics(z_tail, inv_t):
-            return rowmath.TailStatistics(*tail_statistics_pallas(z_tail, inv_t, **options))
+            return rowmath.TailStatistics(*statistics_kernel(z_tail, inv_t))
 
-        return rowmath.TailPasses(statistics, functools.partial(tail_dlogits_pallas, **options))
+        def dlogits(z_tail, labels, inv_t, coefficients, dlogits_dtype):
+            launch = functools.partial(tail_dlogits_pallas, dlogits_dtype=dlogits_dtype, **options)
+            return _first_derivatives_only(launch)(z_tail, labels, inv_t, tuple(coefficients))
+
+        return rowmath.TailPasses(statistics, dlogits)
 
     def vocab_start(self, w_s):
         """Global id of this device's first vocabulary column (0 unless the vocabulary is sharded)."""
@@ -251,20 +256,25 @@ def _logits(hidden, weight, bias, layout):
     return z if bias is None else z + bias.astype(jnp.float32)
 
 
-def _row_kernel(z_s, z_t, labels, kernel_hyper, *, dlogits_dtype, config, interpret):
-    """:func:`pallas_kernels.distill_rows_pallas`, with a clear error for second derivatives.
+def _first_derivatives_only(launch):
+    """``launch`` (a Pallas kernel call), with a clear error where it would be differentiated.
 
-    First derivatives come from the custom VJP's forward pass, which runs the kernel on primal
-    values; grad-of-grad or ``jax.hessian`` would differentiate the kernel itself (unsupported).
+    First derivatives come from the custom VJP's forward pass, which runs the kernels on primal
+    values; grad-of-grad or ``jax.hessian`` would differentiate a kernel itself (unsupported).
     """
-    launch = functools.partial(distill_rows_pallas, dlogits_dtype=dlogits_dtype, config=config, interpret=interpret)
     kernel = jax.custom_jvp(launch)
 
     @kernel.defjvp
     def _(primals, tangents):
         raise NotImplementedError("second derivatives are not supported on the Pallas path; use implementation='xla'")
 
-    return kernel(z_s, z_t, labels, kernel_hyper)
+    return kernel
+
+
+def _row_kernel(z_s, z_t, labels, kernel_hyper, *, dlogits_dtype, config, interpret):
+    """:func:`pallas_kernels.distill_rows_pallas`, first derivatives only (:func:`_first_derivatives_only`)."""
+    launch = functools.partial(distill_rows_pallas, dlogits_dtype=dlogits_dtype, config=config, interpret=interpret)
+    return _first_derivatives_only(launch)(z_s, z_t, labels, kernel_hyper)
 
 
 def _label_logits(x_s, w_s, b_s, labels, layout, vocab_start, vocab_axis_name):

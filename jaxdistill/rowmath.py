@@ -450,6 +450,31 @@ TAIL_PASSES_XLA = TailPasses(tail_statistics_xla, tail_dlogits_xla)
 TOPK_TAILS = ("bucket", "renormalize")
 
 
+def teacher_tail_resolution(k: int) -> float:
+    """δ_k = (k + 1)·2⁻²³: how far 1 − Σ P of k float32 log-probs can be from the true tail by rounding.
+
+    Each cached log P_i carries a rounding of up to 2⁻²⁴·|log-normalizer| (the teacher's logits
+    minus their log-sum-exp, in float32), and the sum of k terms adds k roundings of its own, so a
+    computed tail at or below δ_k is indistinguishable from 0 (or from any value up to δ_k).
+    """
+    return (k + 1) * 2.0**-23
+
+
+def teacher_tail_mass(teacher_logprobs, student_has_tail):
+    """(R,) P_tail = 1 − Σ_i P_i of cached (R, k) log-probs, with rounding-level tails resolved.
+
+    A tail above δ_k (:func:`teacher_tail_resolution`) is real mass and kept. One at or below δ_k
+    is within rounding of 0 (1 − Σ P can even come out negative): it is taken as δ_k where the
+    student has a tail (so KL(Q̃‖P̃) stays finite: a reverse-KL bucket against an exact 0 would be
+    +∞, whatever the true tiny tail), and as 0 where the student has none (k = V, or every tail
+    column masked by a −inf bias: the loss is then that of the truncated vocabulary, not +∞).
+    """
+    total = jax.nn.logsumexp(teacher_logprobs, axis=-1)  # log Σ P
+    raw = -jnp.expm1(total)  # 1 − Σ P (1 for a row of −inf log-probs)
+    delta = teacher_tail_resolution(teacher_logprobs.shape[-1])
+    return jnp.where(raw > delta, raw, jnp.where(student_has_tail, delta, 0.0))
+
+
 def topk_rows_and_dlogits(
     student_logits,
     ids,
@@ -471,8 +496,8 @@ def topk_rows_and_dlogits(
     * ``tail="bucket"``: JSD_β between the (k+1)-bucket distributions (P_ids, 1 − Σ P_ids) and
       (Q_ids, Q_tail), Q_tail = Σ_{v ∉ ids} Q_v summed directly over the tail columns (a second
       pass over them with the ids at −inf), never as 1 − Σ Q_ids; P's tail is
-      log1p(−min(Σ P_ids, 1)). With k = V there is no tail bucket (P's 1 − Σ P is then the
-      rounding of its log-probs): the loss is the dense one against the renormalized P.
+      :func:`teacher_tail_mass` (1 − Σ P_ids, where it is more than the float32 rounding of the
+      cached log-probs).
     * ``tail="renormalize"``: JSD_β between P_ids / Σ P_ids and Q_ids / Σ Q_ids.
 
     The divergence of the k+1 (or k) bucket log-probabilities is the dense row math itself
@@ -519,13 +544,11 @@ def topk_rows_and_dlogits(
     teacher_buckets = logprobs.astype(jnp.float32)
     has_tail = tail_stats.sum_q > 0.0
     log_sum_tail = jnp.log(jnp.where(has_tail, tail_stats.sum_q, 1.0))
-    k, vocab = ids.shape[-1], student_logits.shape[-1]
-    # With k = V there is no tail: the teacher's 1 − Σ P is then only the rounding of its cached
-    # log-probs, not a bucket (the loss is the dense one on the renormalized P).
-    tail_bucket = tail == "bucket" and k < vocab
+    k = ids.shape[-1]
+    tail_bucket = tail == "bucket"
     if tail_bucket:
         log_q_tail = jnp.where(has_tail, (max_tail0 - max_s0) * inv_t + log_sum_tail, -jnp.inf)
-        log_p_tail = jnp.log1p(-jnp.minimum(jnp.sum(jnp.exp(teacher_buckets), axis=-1), 1.0))
+        log_p_tail = jnp.log(teacher_tail_mass(teacher_buckets, has_tail))
         student_buckets = jnp.concatenate([student_buckets, log_q_tail[:, None]], axis=-1)
         teacher_buckets = jnp.concatenate([teacher_buckets, log_p_tail[:, None]], axis=-1)
     one = jnp.ones((), jnp.float32)

@@ -107,8 +107,9 @@ def teacher_topk(
     Args:
       teacher_hidden: (..., H) floating. teacher_weight: (H, V), or (V, H) with
         ``weight_layout="vh"``. k: 1 ≤ k ≤ V. teacher_bias: optional (V,).
-      temperature: T > 0 (float or traced scalar); the cache is then made at the distillation
-        temperature, as :func:`fused_linear_topk_distill_loss` expects.
+      temperature: T > 0 (float or traced scalar; a traced T that is not finite and > 0 gives
+        NaN log-probs); the cache is then made at the distillation temperature, as
+        :func:`fused_linear_topk_distill_loss` expects.
       chunk_size: rows per chunk; None → :func:`jaxdistill.fused.default_chunk_size`.
 
     Returns:
@@ -140,13 +141,15 @@ def teacher_topk(
     rows = jnp.reshape(teacher_hidden, (-1, hidden))
     n_rows = rows.shape[0]
     chunk = max(1, min(chunk_size, n_rows))
-    inv_t = 1.0 / jnp.asarray(temperature, jnp.float32)
+    temperature = jnp.asarray(temperature, jnp.float32)
+    inv_t = 1.0 / temperature
 
     def body(_, x):
         return None, _chunk_topk(x, teacher_weight, teacher_bias, weight_layout, inv_t, k)
 
     _, (ids, logprobs) = lax.scan(body, None, fused._chunked(rows, chunk, 0))
     ids, logprobs = (jnp.reshape(a, (-1, k))[:n_rows].reshape(lead + (k,)) for a in (ids, logprobs))
+    logprobs = jnp.where((temperature > 0) & jnp.isfinite(temperature), logprobs, jnp.nan)  # a bad traced T
     return TopK(lax.stop_gradient(ids), lax.stop_gradient(logprobs))
 
 
@@ -195,6 +198,34 @@ def _check_distinct(ids, valid) -> None:
         )
 
 
+# Σ P of a row's cached log-probs may exceed 1 by rounding only: beyond this (in log Σ P), they are
+# not log-probabilities (e.g. probabilities or logits passed in their place).
+MAX_LOG_TOTAL_PROBABILITY = 1e-3
+
+
+def _not_log_probabilities(logprobs, tail: str):
+    """(N,) rows whose cached log-probs are not those of a distribution: Σ P > 1 (beyond rounding),
+    a NaN, or, for ``"renormalize"``, no probability at all (every entry −inf: P_S / Σ P_S is 0/0)."""
+    total = jax.nn.logsumexp(logprobs, axis=-1)  # log Σ P; −inf when every entry is −inf
+    bad = (total > MAX_LOG_TOTAL_PROBABILITY) | jnp.any(jnp.isnan(logprobs), axis=-1)
+    if tail == "renormalize":
+        bad = bad | jnp.isneginf(total)
+    return bad
+
+
+def _check_log_probabilities(logprobs, valid, tail: str) -> None:
+    """Raise when a valid row of concrete log-probs is not those of a distribution (see above)."""
+    bad = np.asarray(_not_log_probabilities(logprobs, tail)) & np.asarray(valid)
+    if bad.any():
+        row = int(np.argmax(bad))
+        total = float(np.exp(np.float64(jax.nn.logsumexp(logprobs[row]))))
+        raise ValueError(
+            "`teacher_logprobs` must be log-probabilities of the ids (Σ P ≤ 1, no NaN"
+            + (", not all −inf with tail='renormalize'" if tail == "renormalize" else "")
+            + f"); {int(bad.sum())} valid rows are not, the first is flat row {row} (Σ P = {total:.6g})"
+        )
+
+
 def fused_linear_topk_distill_loss(
     student_hidden,
     student_weight,
@@ -228,8 +259,10 @@ def fused_linear_topk_distill_loss(
 
     where, for ``tail="bucket"``, P̃ = (P_1 … P_k, 1 − Σ P_i) and Q̃ = (Q_{id_1} … Q_{id_k},
     Σ_{v ∉ ids} Q_v) are distributions over k + 1 buckets (the student's tail is summed over the
-    tail columns, never formed as 1 − Σ Q_ids; the teacher's is 1 − Σ P_i, floored at 0; with
-    k = V there is no tail bucket), and for
+    tail columns, never formed as 1 − Σ Q_ids; the teacher's is 1 − Σ P_i where that exceeds
+    its float32 rounding δ_k = (k + 1)·2⁻²³, else δ_k where the student has a tail and 0 where it
+    has none: k = V, or every tail column masked by a −inf bias; see
+    :func:`jaxdistill.rowmath.teacher_tail_mass`), and for
     ``tail="renormalize"``, P̃ = P_ids / Σ P_ids and Q̃ = Q_ids / Σ Q_ids. JSD_β, its endpoints
     (β = 0: KL(P̃‖Q̃), β = 1: KL(Q̃‖P̃)), its β-accuracy and the reductions are those of
     :func:`jaxdistill.fused_linear_jsd_loss`; "bucket" with k = V equals the dense forward loss.
@@ -246,7 +279,10 @@ def fused_linear_topk_distill_loss(
         1 ≤ k ≤ V. A valid row with an id outside [0, V) makes the loss NaN. Repeated ids in a
         valid row raise ValueError when the ids and the validity mask are concrete; traced, they
         make the loss NaN. Ignored rows' ids and log-probs are never read.
-      teacher_logprobs: (..., k) floating log P of those ids (−inf: probability 0).
+      teacher_logprobs: (..., k) floating log P of those ids (−inf: probability 0). A valid row
+        whose Σ P exceeds 1 by more than rounding (log Σ P > 1e-3: probabilities or logits passed
+        in their place), with a NaN, or, for ``"renormalize"``, with every entry −inf (nothing to
+        renormalize) raises ValueError when concrete and makes the loss NaN when traced.
       labels: (...) integer next-token ids, as for the dense loss.
       beta, temperature, soft_weight, hard_weight, ignore_index, where, reduction, chunk_size,
         axis_name, student_weight_layout, return_aux: as for :func:`jaxdistill.fused_linear_jsd_loss`
@@ -260,7 +296,9 @@ def fused_linear_topk_distill_loss(
     Returns:
       The float32 scalar loss, or ``(loss, aux)`` with ``soft_loss``, ``hard_loss`` and
       ``num_valid_tokens``, as for the dense loss. The teacher cache gets zero gradients;
-      gradients w.r.t. ``soft_weight``/``hard_weight`` are exact, w.r.t. β and T NaN.
+      gradients w.r.t. ``soft_weight``/``hard_weight`` are exact, w.r.t. β and T NaN. Second
+      derivatives w.r.t. the student arguments are exact on the XLA path; the Pallas path
+      computes first derivatives only and raises NotImplementedError when differentiated twice.
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -300,15 +338,16 @@ def fused_linear_topk_distill_loss(
     k = _check_teacher_cache(teacher_ids, teacher_logprobs, lead, vocab)
     n_rows = a.labels.shape[0]
     ids = _narrow_ids(teacher_ids, n_rows, k, vocab)
-    if _is_concrete(ids, a.valid):
+    logprobs = jnp.reshape(jnp.asarray(teacher_logprobs), (n_rows, k)).astype(jnp.float32)
+    if _is_concrete(ids, logprobs, a.valid):
         _check_distinct(ids, a.valid)
+        _check_log_probabilities(logprobs, a.valid, tail)
     ordered = jnp.sort(ids, axis=-1)
     repeated = jnp.any(ordered[:, 1:] == ordered[:, :-1], axis=-1)
     out_of_range = jnp.any((ids < 0) | (ids >= vocab), axis=-1)
-    bad_teacher = jnp.any(a.valid & (repeated | out_of_range))
+    bad_teacher = jnp.any(a.valid & (repeated | out_of_range | _not_log_probabilities(logprobs, tail)))
     # Ignored rows are never read: give them distinct in-range ids and finite log-probs.
     ids = jnp.where(a.valid[:, None], jnp.clip(ids, 0, vocab - 1), jnp.arange(k, dtype=jnp.int32))
-    logprobs = jnp.reshape(jnp.asarray(teacher_logprobs), (n_rows, k)).astype(jnp.float32)
     logprobs = jnp.where(a.valid[:, None], logprobs, 0.0)
 
     requested, implementation = implementation, fused.resolve_implementation(implementation)

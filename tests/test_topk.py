@@ -737,3 +737,127 @@ def test_bucket_with_k_equal_to_v_is_the_dense_loss(beta, implementation):
     np.testing.assert_allclose(float(got), float(want), rtol=1e-5)
     for g, w in zip(got_grads, want_grads, strict=True):
         assert float(jnp.max(jnp.abs(g - w)) / jnp.max(jnp.abs(w))) < 1e-4
+
+
+def _confident_teacher_cache(k=4, vocab=50, seed=2):
+    """Rows 0–2 keep a tail of at least 1e-3; rows 3–5 hold all of P on their ids (their log-probs
+    renormalized over the k ids), so 1 − Σ P of the float32 cache is rounding there (±1e-7). (A
+    tail between the two, e.g. 1e-5, is ill-conditioned at β = 1: KL(Q̃‖P̃) moves by Q̃_tail/P̃_tail
+    per unit of P̃_tail, and float32 resolves 1 − Σ P only to about 1e-7.)"""
+    r = np.random.default_rng(seed)
+    xt = jnp.asarray(r.normal(size=(6, 8)), jnp.float32)
+    wt = jnp.asarray(r.normal(size=(8, vocab)), jnp.float32)
+    cache = teacher_topk(xt, wt, k)
+    logprobs = cache.logprobs.at[3:].set(jax.nn.log_softmax(cache.logprobs[3:], axis=-1))
+    return cache._replace(logprobs=logprobs)
+
+
+@pytest.mark.parametrize("implementation", ["xla", "pallas"])
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+def test_a_rounding_level_teacher_tail_keeps_the_loss_finite(beta, implementation):
+    """Reverse KL against a teacher tail that rounds to 0 (or below) would be +inf; the tail is
+    taken at its rounding resolution δ_k, and the loss and gradients are finite and match the
+    oracle (which states the same rule)."""
+    cache = _confident_teacher_cache()
+    vocab = 50
+    tail = -np.expm1(np.asarray(jax.nn.logsumexp(cache.logprobs, axis=-1), np.float64))
+    assert np.all(np.abs(tail[3:]) <= (4 + 1) * 2.0**-23) and np.all(tail[:3] > 1e-3), tail
+    xs = jnp.asarray(np.random.default_rng(3).normal(size=(6, vocab)), jnp.float32)
+    labels = jnp.arange(6, dtype=jnp.int32)
+    p = TopKProblem(
+        student_hidden=xs,
+        student_weight=jnp.eye(vocab, dtype=jnp.float32),
+        student_bias=None,
+        teacher_ids=cache.ids,
+        teacher_logprobs=cache.logprobs,
+        labels=labels,
+        teacher_hidden=None,
+        teacher_weight=None,
+        teacher_bias=None,
+        temperature=1.0,
+    )
+    want = check_f32(p, beta=beta, tail="bucket", implementation=implementation, chunk_size=4)
+    assert np.isfinite(want.loss)
+
+
+@pytest.mark.parametrize("implementation", ["xla", "pallas"])
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+def test_a_masked_vocabulary_cached_whole_is_the_truncated_loss(beta, implementation):
+    """−inf bias columns in both heads and k = the unmasked count: the student has no tail, the
+    teacher's 1 − Σ P is rounding, and the loss is that of the truncated vocabulary (not +inf)."""
+    r = np.random.default_rng(4)
+    real, vocab = 4, 16
+    bias = np.zeros(vocab, np.float32)
+    bias[real:] = -np.inf
+    xt, wt = jnp.asarray(r.normal(size=(8, 6)), jnp.float32), jnp.asarray(r.normal(size=(6, vocab)), jnp.float32)
+    xs, ws = jnp.asarray(r.normal(size=(8, 5)), jnp.float32), jnp.asarray(r.normal(size=(5, vocab)), jnp.float32)
+    labels = jnp.asarray(r.integers(0, real, size=8), jnp.int32)
+    cache = teacher_topk(xt, wt, real, teacher_bias=jnp.asarray(bias), temperature=2.0)
+    options = dict(beta=beta, temperature=2.0, hard_weight=0.5)
+
+    def masked(ws):
+        return fused_linear_topk_distill_loss(
+            xs,
+            ws,
+            cache.ids,
+            cache.logprobs,
+            labels,
+            student_bias=jnp.asarray(bias),
+            implementation=implementation,
+            **options,
+        )
+
+    def truncated(ws):
+        return jaxdistill.fused_linear_jsd_loss(
+            xs, ws[:, :real], xt, wt[:, :real], labels, implementation="xla", **options
+        )
+
+    got, got_grad = jax.value_and_grad(masked)(ws)
+    want, want_grad = jax.value_and_grad(truncated)(ws)
+    np.testing.assert_allclose(float(got), float(want), rtol=1e-5)
+    assert float(jnp.max(jnp.abs(got_grad[:, :real] - want_grad[:, :real])) / jnp.max(jnp.abs(want_grad))) < 1e-4
+    assert float(jnp.max(jnp.abs(got_grad[:, real:]))) == 0.0
+
+
+def test_second_derivatives_on_the_pallas_path_name_the_xla_path():
+    p = make_topk_problem(n=6, vocab=30, k=3, seed=5)
+
+    def loss(xs, implementation):
+        return fused_linear_topk_distill_loss(
+            xs, p.student_weight, p.teacher_ids, p.teacher_logprobs, p.labels, beta=0.5, implementation=implementation
+        )
+
+    with pytest.raises(NotImplementedError, match="implementation='xla'"):
+        jax.hessian(loss)(p.student_hidden, "pallas")
+    assert np.all(np.isfinite(np.asarray(jax.hessian(loss)(p.student_hidden, "xla"))))
+
+
+@pytest.mark.parametrize(
+    "tail, logprobs",
+    [
+        ("bucket", np.array([[0.5, 0.3, 0.1]] * 4, np.float32)),  # probabilities, not log-probabilities
+        ("bucket", np.array([[-0.1, -0.2, np.nan]] * 4, np.float32)),
+        ("renormalize", np.array([[-np.inf, -np.inf, -np.inf]] * 4, np.float32)),  # nothing to renormalize
+    ],
+    ids=["probabilities", "nan", "renormalize-all-minus-inf"],
+)
+def test_cached_values_that_are_not_log_probabilities(tail, logprobs):
+    """Concrete: a ValueError naming the argument; traced: a NaN loss. Ignored rows are not read."""
+    xs, ws = jnp.ones((4, 5)), jnp.ones((5, 12)) / 5
+    ids = jnp.asarray(np.tile(np.array([1, 4, 7], np.int32), (4, 1)))
+    labels = jnp.array([1, 2, 3, 4], jnp.int32)
+    with pytest.raises(ValueError, match="teacher_logprobs"):
+        fused_linear_topk_distill_loss(xs, ws, ids, jnp.asarray(logprobs), labels, tail=tail)
+    traced = jax.jit(lambda lp: fused_linear_topk_distill_loss(xs, ws, ids, lp, labels, tail=tail))
+    assert np.isnan(float(traced(jnp.asarray(logprobs))))
+    fine = np.tile(np.log(np.array([0.5, 0.3, 0.1], np.float32)), (4, 1))
+    fine[0] = logprobs[0]  # only in an ignored row
+    ignored_first = labels.at[0].set(-100)
+    assert np.isfinite(float(fused_linear_topk_distill_loss(xs, ws, ids, jnp.asarray(fine), ignored_first, tail=tail)))
+
+
+def test_teacher_topk_with_a_bad_traced_temperature_is_nan():
+    xt, wt = jnp.ones((3, 4)), jnp.arange(40.0).reshape(4, 10) / 40
+    for bad in (-1.0, 0.0, np.inf):
+        cache = jax.jit(lambda t: teacher_topk(xt, wt, 2, temperature=t))(jnp.float32(bad))
+        assert np.all(np.isnan(np.asarray(cache.logprobs))), bad
