@@ -2,7 +2,8 @@
 
 The public entry points are :func:`fused_linear_jsd_loss` (a teacher head) and
 :func:`fused_linear_topk_distill_loss` (a cached top-k teacher, made by :func:`teacher_topk`);
-:mod:`jaxdistill.reference` holds the unfused oracle with the same math.
+:mod:`jaxdistill.reference` holds the unfused oracle of the dense loss (the top-k loss's is
+``tests/topk_oracle.py``).
 """
 
 from jaxdistill import reference

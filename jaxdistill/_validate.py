@@ -52,7 +52,8 @@ class FlatInputs:
       labels: (N,) int32. valid: (N,) bool, ``labels != ignore_index`` AND ``where``.
       beta, temperature: the scalars as given (floats or traced arrays).
       bad_teacher: None, or a traced bool that poisons the loss like a bad label (a top-k
-        teacher's out-of-range or repeated ids on a valid row).
+        teacher's out-of-range or repeated ids, or cached values that are not log-probabilities,
+        on a valid row).
     """
 
     vocab_size: int
@@ -212,7 +213,10 @@ def _narrow_labels(labels, n_rows: int, vocab_size: int, ignore_index: int) -> t
 def _check_dense_teacher(teacher_hidden, teacher_weight, layout, vocab_size, student_weight, lead) -> None:
     """The teacher head fits its hidden states and the student's vocabulary V, with the same leading dims."""
     if teacher_hidden is None or teacher_weight is None:
-        raise ValueError("`teacher_hidden` and `teacher_weight` must be given together")
+        raise ValueError(
+            "`teacher_hidden` and `teacher_weight` are required (for a cached top-k teacher use "
+            "jaxdistill.fused_linear_topk_distill_loss)"
+        )
     teacher_vocab = weight_sizes(teacher_weight, layout, "teacher_weight")[1]
     _check_hidden(teacher_hidden, teacher_weight, layout, "teacher_hidden", "teacher_weight")
     if teacher_vocab != vocab_size:
@@ -248,11 +252,13 @@ def validate_and_flatten(
     student_weight_layout="hv",
     teacher_weight_layout="hv",
     vocab_shards: int = 1,
+    dense_teacher: bool = True,
 ) -> FlatInputs:
     """Check shapes, dtypes and options (see :func:`jaxdistill.fused_linear_jsd_loss`).
 
-    ``teacher_hidden`` and ``teacher_weight`` may both be None (a teacher that is not a dense
-    head, e.g. cached top-k log-probs, checked by its caller): then only the student is checked.
+    With ``dense_teacher=False`` (a teacher that is not a dense head, e.g. cached top-k log-probs,
+    checked by its caller) ``teacher_hidden`` and ``teacher_weight`` are None and only the student
+    is checked.
 
     With ``vocab_shards`` = M > 1 the weights and biases are one of M equal vocabulary shards
     (V/M columns each) and the labels are global ids: ``FlatInputs.vocab_size`` is then V.
@@ -263,7 +269,7 @@ def validate_and_flatten(
     vocab_size = weight_sizes(student_weight, student_weight_layout, "student_weight")[1]
     _check_hidden(student_hidden, student_weight, student_weight_layout, "student_hidden", "student_weight")
     lead = jnp.shape(student_hidden)[:-1]
-    if teacher_hidden is not None or teacher_weight is not None:
+    if dense_teacher:
         _check_dense_teacher(teacher_hidden, teacher_weight, teacher_weight_layout, vocab_size, student_weight, lead)
     _check_bias(student_bias, vocab_size, "student_bias")
     _check_bias(teacher_bias, vocab_size, "teacher_bias")

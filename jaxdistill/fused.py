@@ -32,8 +32,8 @@ from pallas_kernels import (
 )
 
 IMPLEMENTATIONS = ("xla", "pallas")
-# The teacher of a plan: a dense head, or cached top-k log-probs with one of two tails.
-DENSE_TEACHER, TOPK_BUCKET, TOPK_RENORMALIZE = "dense", "bucket", "renormalize"
+# The teacher of a plan: a dense head, or cached top-k log-probs with one of rowmath.TOPK_TAILS.
+DENSE_TEACHER = "dense"
 # Budget for the two float32 (chunk, V) logits buffers of one chunk; the dlogits and the
 # kernel's temporaries add at most about the same again.
 DEFAULT_LOGITS_BUDGET_BYTES = 1 << 30
@@ -113,7 +113,7 @@ class FusedPlan:
         and biases are then this device's contiguous V/M-column shard (in axis-index order);
         the row statistics are all-reduced over the axis, and so is grad_x.
       teacher: ``DENSE_TEACHER`` (the teacher's hidden states and head: rows ``(x_t,)``, shared
-        ``(w_t, b_t)``) or a top-k teacher, ``TOPK_BUCKET`` / ``TOPK_RENORMALIZE`` (rows
+        ``(w_t, b_t)``) or a top-k teacher, one of ``rowmath.TOPK_TAILS`` (rows
         ``(ids, logprobs)``, nothing shared; the row stage of :func:`jaxdistill.rowmath.
         topk_rows_and_dlogits` with that tail).
     """
@@ -134,6 +134,10 @@ class FusedPlan:
         object.__setattr__(self, "chunk_size", int(self.chunk_size))
         if self.chunk_size <= 0:
             raise ValueError(f"`chunk_size` must be a positive int, got {self.chunk_size!r}")
+        if self.teacher not in (DENSE_TEACHER, *rowmath.TOPK_TAILS):
+            raise ValueError(f"FusedPlan.teacher must be {DENSE_TEACHER!r} or one of {rowmath.TOPK_TAILS}")
+        if self.teacher != DENSE_TEACHER and self.vocab_axis_name is not None:
+            raise ValueError("a top-k teacher does not support `vocab_axis_name` (a sharded vocabulary)")
 
     def chunk_logits(self, x_s, w_s, b_s, x_t, w_t, b_t, hyper) -> ChunkLogits:
         """Stage 1: the chunk's float32 logits relative to their tile maxima, and the tiles' partials.
@@ -425,8 +429,8 @@ def _scan_losses_and_grads(plan, x_s, w_s, b_s, teacher_rows, teacher_shared, la
 def _fused_sums(plan, x_s, w_s, b_s, teacher_rows, teacher_shared, labels, hyper):
     """(scale·Σ (soft_weight·JSD + hard_weight·CE), Σ JSD, Σ CE) over valid rows.
 
-    Without differentiation this is the value-only path: no dlogits, no gradient matmuls, and at
-    β ∈ {0, 1} no logits stored at all. See :func:`_scan_losses_and_grads`. The teacher (dense
+    Without differentiation this is the value-only path: no dlogits, no gradient matmuls, and, for
+    the dense teacher at β ∈ {0, 1}, no logits stored at all. See :func:`_scan_losses_and_grads`. The teacher (dense
     or top-k, by ``plan.teacher``) gets zero cotangents.
     """
     soft_sum, hard_sum, *_ = _scan_losses_and_grads(

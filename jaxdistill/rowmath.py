@@ -402,7 +402,9 @@ class TailCoefficients(NamedTuple):
 
     A tail column v gets soft·exp((z_v − max_tail)/T − log_sum_tail) + hard·(exp(z_v − max_s −
     log_sum_u) − [v = y]): the first exponential is Q_v / Q_tail ≤ 1, the second softmax(z_s)_v.
-    Ignored rows have soft = hard = 0. Every value is finite.
+    ``soft`` = scale·soft_weight/T·g̃_tail (the tail bucket's gradient, 0 for "renormalize") and
+    ``hard`` = scale·hard_weight are the row's coefficients, not the weights. Ignored rows have
+    soft = hard = 0. Every value is finite.
     """
 
     max_tail: jax.Array
@@ -414,14 +416,23 @@ class TailCoefficients(NamedTuple):
 
 
 def tail_statistics_xla(z_tail, inv_t) -> TailStatistics:
-    """:class:`TailStatistics` of (R, V) float32 logits whose top-k columns are −inf, in jnp."""
+    """:class:`TailStatistics` of (R, V) float32 logits whose top-k columns are −inf, in jnp.
+
+    As in the Pallas kernel (:func:`pallas_kernels.tail_statistics_pallas`), a logit below the
+    kernels' floor (−3e38: a ``finfo(float32).min`` mask) weighs 0 like −inf, and a row of them
+    has an empty tail (maximum −inf, sums 0).
+    """
+    z_tail = jnp.where(z_tail > row_kernel._MAX_FLOOR, z_tail, -jnp.inf)
     max_tail = jnp.max(z_tail, axis=-1)
     d = z_tail - _finite_or_zero(max_tail)[:, None]
     return TailStatistics(max_tail, jnp.sum(jnp.exp(d * inv_t), axis=-1), jnp.sum(jnp.exp(d), axis=-1))
 
 
 def tail_dlogits_xla(z_tail, labels, inv_t, coefficients: TailCoefficients, dlogits_dtype):
-    """(R, V) dlogits of the tail columns (:class:`TailCoefficients`); the −inf top-k columns get 0.
+    """(R, V) dlogits of the tail columns (:class:`TailCoefficients`).
+
+    The −inf top-k columns get 0, except the label's column when the label is one of the ids
+    (−hard there): the caller's scatter of the id columns overwrites them all.
 
     Args:
       z_tail: (R, V) float32 logits, −inf at each row's top-k ids. labels: (R,) int32, negative =
@@ -451,28 +462,33 @@ TOPK_TAILS = ("bucket", "renormalize")
 
 
 def teacher_tail_resolution(k: int) -> float:
-    """δ_k = (k + 1)·2⁻²³: how far 1 − Σ P of k float32 log-probs can be from the true tail by rounding.
+    """δ_k = (k + 1)·2⁻²³: the float32 resolution of 1 − Σ P for k cached log-probs.
 
-    Each cached log P_i carries a rounding of up to 2⁻²⁴·|log-normalizer| (the teacher's logits
-    minus their log-sum-exp, in float32), and the sum of k terms adds k roundings of its own, so a
-    computed tail at or below δ_k is indistinguishable from 0 (or from any value up to δ_k).
+    Assumes log-probs computed relative to the row maximum, as :func:`jaxdistill.teacher_topk`
+    does (z − max − log Σ exp(z − max)): each P_i = exp(log P_i) then carries a relative rounding
+    of about 2⁻²⁴ (plus that of exp), and the sum of k terms k roundings of its own, so a
+    computed tail at or below δ_k is indistinguishable from 0. Log-probs formed as z − log-sum-exp
+    with large logits carry more (2⁻²⁴·|z| each).
     """
     return (k + 1) * 2.0**-23
 
 
-def teacher_tail_mass(teacher_logprobs, student_has_tail):
+def teacher_tail_mass(teacher_logprobs, student_tail):
     """(R,) P_tail = 1 − Σ_i P_i of cached (R, k) log-probs, with rounding-level tails resolved.
 
     A tail above δ_k (:func:`teacher_tail_resolution`) is real mass and kept. One at or below δ_k
-    is within rounding of 0 (1 − Σ P can even come out negative): it is taken as δ_k where the
-    student has a tail (so KL(Q̃‖P̃) stays finite: a reverse-KL bucket against an exact 0 would be
-    +∞, whatever the true tiny tail), and as 0 where the student has none (k = V, or every tail
-    column masked by a −inf bias: the loss is then that of the truncated vocabulary, not +∞).
+    is within rounding of 0 (1 − Σ P can even come out negative), so its value is free within
+    [0, δ_k]: it is taken as min(δ_k, Q_tail), the student's own tail capped at the resolution
+    (``student_tail``, without gradient). Every divergence then stays finite and its tail term at
+    most δ_k-sized: a reverse-KL bucket against an exact 0 would be +∞, and δ_k against a tail
+    the student has masked to nothing would be a huge δ_k·log(δ_k/Q_tail). An empty student tail
+    (k = V, or every tail column masked by −inf biases) makes it 0: the loss of the truncated
+    vocabulary.
     """
     total = jax.nn.logsumexp(teacher_logprobs, axis=-1)  # log Σ P
     raw = -jnp.expm1(total)  # 1 − Σ P (1 for a row of −inf log-probs)
     delta = teacher_tail_resolution(teacher_logprobs.shape[-1])
-    return jnp.where(raw > delta, raw, jnp.where(student_has_tail, delta, 0.0))
+    return jnp.where(raw > delta, raw, jnp.minimum(delta, student_tail))
 
 
 def topk_rows_and_dlogits(
@@ -497,7 +513,7 @@ def topk_rows_and_dlogits(
       (Q_ids, Q_tail), Q_tail = Σ_{v ∉ ids} Q_v summed directly over the tail columns (a second
       pass over them with the ids at −inf), never as 1 − Σ Q_ids; P's tail is
       :func:`teacher_tail_mass` (1 − Σ P_ids, where it is more than the float32 rounding of the
-      cached log-probs).
+      cached log-probs, else min(δ_k, Q_tail)).
     * ``tail="renormalize"``: JSD_β between P_ids / Σ P_ids and Q_ids / Σ Q_ids.
 
     The divergence of the k+1 (or k) bucket log-probabilities is the dense row math itself
@@ -535,7 +551,10 @@ def topk_rows_and_dlogits(
 
     max_s = jnp.maximum(tail_stats.max, jnp.max(z_ids, axis=-1))
     max_s0, max_tail0 = _finite_or_zero(max_s), _finite_or_zero(tail_stats.max)
-    sum_u = tail_stats.sum_u * jnp.exp(max_tail0 - max_s0) + jnp.sum(jnp.exp(z_ids - max_s0[:, None]), axis=-1)
+    # An empty tail (sum 0) adds 0, even where exp(0 − max_s) overflows (a row maximum below −88).
+    sum_u = _weighted(tail_stats.sum_u, jnp.exp(max_tail0 - max_s0)) + jnp.sum(
+        jnp.exp(z_ids - max_s0[:, None]), axis=-1
+    )
     log_sum_u = jnp.log(sum_u)
     hard = max_s + log_sum_u - label_logits
 
@@ -548,8 +567,9 @@ def topk_rows_and_dlogits(
     tail_bucket = tail == "bucket"
     if tail_bucket:
         log_q_tail = jnp.where(has_tail, (max_tail0 - max_s0) * inv_t + log_sum_tail, -jnp.inf)
-        log_p_tail = jnp.log(teacher_tail_mass(teacher_buckets, has_tail))
         student_buckets = jnp.concatenate([student_buckets, log_q_tail[:, None]], axis=-1)
+        q_tail = jnp.exp(log_q_tail - jax.nn.logsumexp(student_buckets, axis=-1))  # Q_tail, normalized
+        log_p_tail = jnp.log(teacher_tail_mass(teacher_buckets, lax.stop_gradient(q_tail)))
         teacher_buckets = jnp.concatenate([teacher_buckets, log_p_tail[:, None]], axis=-1)
     one = jnp.ones((), jnp.float32)
     bucket_hyper = Hyper(hyper.beta, hyper.one_minus_beta, one, one, jnp.zeros((), jnp.float32), one)

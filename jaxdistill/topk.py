@@ -21,7 +21,7 @@ import numpy as np
 from jax import lax
 
 from jaxdistill import fused, rowmath
-from jaxdistill._validate import concrete_float, validate_and_flatten, weight_sizes
+from jaxdistill._validate import _check_bias, _check_hidden, concrete_float, validate_and_flatten, weight_sizes
 
 
 class TopK(NamedTuple):
@@ -123,15 +123,8 @@ def teacher_topk(
       ((2, 3, 4), dtype('float32'))
     """
     hidden, vocab = weight_sizes(teacher_weight, weight_layout, "teacher_weight")
-    if jnp.ndim(teacher_hidden) < 1 or jnp.shape(teacher_hidden)[-1] != hidden:
-        raise ValueError(
-            f"`teacher_hidden` must have shape (..., {hidden}) to match `teacher_weight` "
-            f"{jnp.shape(teacher_weight)} read as {weight_layout!r}, got {jnp.shape(teacher_hidden)}"
-        )
-    if not jnp.issubdtype(jnp.result_type(teacher_hidden), jnp.floating):
-        raise TypeError(f"`teacher_hidden` must be floating, got {jnp.result_type(teacher_hidden)}")
-    if teacher_bias is not None and jnp.shape(teacher_bias) != (vocab,):
-        raise ValueError(f"`teacher_bias` must have shape ({vocab},), got {jnp.shape(teacher_bias)}")
+    _check_hidden(teacher_hidden, teacher_weight, weight_layout, "teacher_hidden", "teacher_weight")
+    _check_bias(teacher_bias, vocab, "teacher_bias")
     k = _check_k(k, vocab, "k")
     t = concrete_float(temperature, "temperature")
     if t is not None and not 0.0 < t < float("inf"):
@@ -160,8 +153,11 @@ def _check_teacher_cache(teacher_ids, teacher_logprobs, lead, vocab_size):
             raise TypeError(f"`{name}` must be an array (jax.Array or numpy.ndarray), got {type(x).__name__}")
     if not jnp.issubdtype(teacher_ids.dtype, jnp.integer):
         raise TypeError(f"`teacher_ids` must be an integer array, got dtype {teacher_ids.dtype}")
-    if not jnp.issubdtype(teacher_logprobs.dtype, jnp.floating):
-        raise TypeError(f"`teacher_logprobs` must be floating, got dtype {teacher_logprobs.dtype}")
+    if teacher_logprobs.dtype not in (np.float32, np.float64):
+        raise TypeError(
+            f"`teacher_logprobs` must be float32 (or float64), got dtype {teacher_logprobs.dtype}: a 16-bit "
+            "cache rounds each log-probability by ~1e-3, far above the teacher tail's float32 resolution"
+        )
     if teacher_ids.ndim != len(lead) + 1 or teacher_ids.shape[:-1] != lead:
         raise ValueError(
             f"`teacher_ids` must have shape {lead} + (k,) (the hidden states' leading dims), got {teacher_ids.shape}"
@@ -185,9 +181,10 @@ def _is_concrete(*arrays) -> bool:
     return not any(isinstance(a, jax.core.Tracer) for a in arrays)
 
 
-def _check_distinct(ids, valid) -> None:
-    """Raise when a valid row of concrete ids repeats an id."""
+def _check_distinct(ids, valid, vocab_size: int) -> None:
+    """Raise when a valid row of concrete in-range ids repeats an id (out-of-range rows are NaN anyway)."""
     ids, valid = np.asarray(ids), np.asarray(valid)
+    valid = valid & np.all((ids >= 0) & (ids < vocab_size), axis=-1)
     ordered = np.sort(ids[valid], axis=-1)
     repeated = np.any(ordered[:, 1:] == ordered[:, :-1], axis=-1)
     if repeated.any():
@@ -279,7 +276,7 @@ def fused_linear_topk_distill_loss(
         1 ≤ k ≤ V. A valid row with an id outside [0, V) makes the loss NaN. Repeated ids in a
         valid row raise ValueError when the ids and the validity mask are concrete; traced, they
         make the loss NaN. Ignored rows' ids and log-probs are never read.
-      teacher_logprobs: (..., k) floating log P of those ids (−inf: probability 0). A valid row
+      teacher_logprobs: (..., k) float32 (or float64) log P of those ids (−inf: probability 0). A valid row
         whose Σ P exceeds 1 by more than rounding (log Σ P > 1e-3: probabilities or logits passed
         in their place), with a NaN, or, for ``"renormalize"``, with every entry −inf (nothing to
         renormalize) raises ValueError when concrete and makes the loss NaN when traced.
@@ -332,6 +329,7 @@ def fused_linear_topk_distill_loss(
         reduction=reduction,
         return_aux=return_aux,
         student_weight_layout=student_weight_layout,
+        dense_teacher=False,
     )
     vocab = a.vocab_size
     lead = jnp.shape(student_hidden)[:-1]
@@ -340,13 +338,14 @@ def fused_linear_topk_distill_loss(
     ids = _narrow_ids(teacher_ids, n_rows, k, vocab)
     logprobs = jnp.reshape(jnp.asarray(teacher_logprobs), (n_rows, k)).astype(jnp.float32)
     if _is_concrete(ids, logprobs, a.valid):
-        _check_distinct(ids, a.valid)
+        _check_distinct(ids, a.valid, vocab)
         _check_log_probabilities(logprobs, a.valid, tail)
     ordered = jnp.sort(ids, axis=-1)
     repeated = jnp.any(ordered[:, 1:] == ordered[:, :-1], axis=-1)
     out_of_range = jnp.any((ids < 0) | (ids >= vocab), axis=-1)
     bad_teacher = jnp.any(a.valid & (repeated | out_of_range | _not_log_probabilities(logprobs, tail)))
-    # Ignored rows are never read: give them distinct in-range ids and finite log-probs.
+    # Ignored rows are never read: give them distinct in-range ids and finite log-probs (the
+    # padding rows of a ragged last chunk get repeated ids 0; they are ignored too).
     ids = jnp.where(a.valid[:, None], jnp.clip(ids, 0, vocab - 1), jnp.arange(k, dtype=jnp.int32))
     logprobs = jnp.where(a.valid[:, None], logprobs, 0.0)
 

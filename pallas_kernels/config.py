@@ -22,7 +22,8 @@ def _check_int(name: str, value) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class RowKernelConfig:
-    """Tiling and launch parameters of :func:`pallas_kernels.distill_rows_pallas`.
+    """Tiling and launch parameters of :func:`pallas_kernels.distill_rows_pallas` (also used, untuned,
+    by the top-k teacher's one-stream passes in :mod:`pallas_kernels.tail_rows`).
 
     Every distinct config is a separate Triton compile; all of them compute the same values
     (up to float32 summation order).

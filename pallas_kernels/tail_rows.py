@@ -70,6 +70,8 @@ def _tail_dlogits_kernel(inv_t_ref, label_ref, *refs, tiling):
 def _launch_setup(z_tail, config, dtype, interpret):
     if z_tail.ndim != 2 or z_tail.dtype != jnp.float32:
         raise ValueError(f"z_tail must be (R, V) float32, got {z_tail.shape} {z_tail.dtype}")
+    if z_tail.shape[1] == 0:
+        raise ValueError("z_tail must have at least one column")
     vocab = z_tail.shape[1]
     if config is None:
         config = default_row_kernel_config(vocab, dtype)
@@ -106,6 +108,9 @@ def tail_statistics_pallas(z_tail, inv_t, *, config: RowKernelConfig | None = No
     """
     config, interpret = _launch_setup(z_tail, config, jnp.float32, interpret)
     rows, vocab = z_tail.shape
+    if rows == 0:
+        empty = jnp.zeros((0,), jnp.float32)
+        return empty, empty, empty
     inv_t = jnp.reshape(jnp.asarray(inv_t, jnp.float32), (1,))
     out = _out_struct(z_tail, inv_t)
     return pl.pallas_call(
@@ -134,7 +139,8 @@ def tail_dlogits_pallas(
     """(R, V) dlogits of the tail columns from six row scalars (``jaxdistill.rowmath.TailCoefficients``).
 
     Column v of row r: soft·exp((z_v − max_tail)/T − log_sum_tail) + hard·(exp(z_v − max_s −
-    log_sum_u) − [v = label]); the −inf columns get 0 (the caller scatters their values).
+    log_sum_u) − [v = label]); the −inf columns get 0, except the label's (−hard) when the label
+    is one of them (the caller scatters the values of all of them).
 
     Args:
       z_tail: (R, V) float32. labels: (R,) int (negative: no one-hot term). inv_t: scalar 1/T.
@@ -148,6 +154,12 @@ def tail_dlogits_pallas(
     if len(coefficients) != N_COEFFICIENTS:
         raise ValueError(f"expected {N_COEFFICIENTS} coefficient rows, got {len(coefficients)}")
     rows, vocab = z_tail.shape
+    if labels.shape != (rows,) or not jnp.issubdtype(labels.dtype, jnp.integer):
+        raise ValueError(f"labels must be ({rows},) integers, got {labels.shape} {labels.dtype}")
+    if any(jnp.shape(x) != (rows,) for x in coefficients):
+        raise ValueError(f"each coefficient must have shape ({rows},), got {[jnp.shape(x) for x in coefficients]}")
+    if rows == 0:
+        return jnp.zeros((0, vocab), dlogits_dtype)
     inv_t = jnp.reshape(jnp.asarray(inv_t, jnp.float32), (1,))
     labels = labels.astype(jnp.int32)
     coefficients = [jnp.asarray(x, jnp.float32) for x in coefficients]

@@ -861,3 +861,71 @@ def test_teacher_topk_with_a_bad_traced_temperature_is_nan():
     for bad in (-1.0, 0.0, np.inf):
         cache = jax.jit(lambda t: teacher_topk(xt, wt, 2, temperature=t))(jnp.float32(bad))
         assert np.all(np.isnan(np.asarray(cache.logprobs))), bad
+
+
+def _masked_tail_problem(mask_value, *, real=4, vocab=16, seed=6):
+    """Student bias ``mask_value`` outside the first ``real`` columns; a teacher cache of exactly
+    those columns, renormalized (1 − Σ P is rounding)."""
+    r = np.random.default_rng(seed)
+    xs = jnp.asarray(r.normal(size=(8, 5)), jnp.float32)
+    ws = jnp.asarray(r.normal(size=(5, vocab)), jnp.float32)
+    bias = np.zeros(vocab, np.float32)
+    bias[real:] = mask_value
+    ids = jnp.asarray(np.tile(np.arange(real, dtype=np.int32), (8, 1)))
+    logprobs = jax.nn.log_softmax(jnp.asarray(r.normal(size=(8, real)), jnp.float32), axis=-1)
+    labels = jnp.asarray(r.integers(0, real, size=8), jnp.int32)
+    return xs, ws, jnp.asarray(bias), ids, logprobs, labels
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+@pytest.mark.parametrize("mask_value", [np.finfo(np.float32).min, -1e30], ids=["finfo-min", "minus-1e30"])
+def test_tail_masks_other_than_minus_inf_weigh_nothing_on_both_paths(mask_value, temperature):
+    """finfo.min (below the kernels' floor) or −1e30 masks: the loss of the −inf mask, on both
+    implementations (a rounding-level teacher tail against a masked student tail is not +inf or
+    a huge δ·log(δ/Q_tail))."""
+    xs, ws, bias, ids, logprobs, labels = _masked_tail_problem(mask_value)
+    options = dict(beta=0.0, temperature=temperature, hard_weight=0.5, chunk_size=4)
+    want = float(
+        fused_linear_topk_distill_loss(
+            xs, ws, ids, logprobs, labels, student_bias=jnp.where(bias < 0, -jnp.inf, 0.0), **options
+        )
+    )
+    assert np.isfinite(want)
+    for implementation in ("xla", "pallas"):
+        got = fused_linear_topk_distill_loss(
+            xs, ws, ids, logprobs, labels, student_bias=bias, implementation=implementation, **options
+        )
+        np.testing.assert_allclose(float(got), want, rtol=1e-5, err_msg=implementation)
+
+
+@pytest.mark.parametrize("implementation", ["xla", "pallas"])
+def test_an_empty_tail_with_very_negative_logits_is_finite(implementation):
+    """k = V and every logit near −200: the empty tail adds 0 to the row sums, not 0·∞."""
+    xs, ws, _, _, _, labels = _masked_tail_problem(0.0, real=8, vocab=8)
+    ids = jnp.asarray(np.tile(np.arange(8, dtype=np.int32), (8, 1)))
+    logprobs = jax.nn.log_softmax(jnp.asarray(np.random.default_rng(7).normal(size=(8, 8)), jnp.float32), axis=-1)
+    options = dict(beta=0.5, hard_weight=0.5, implementation=implementation)
+    shifted = fused_linear_topk_distill_loss(
+        xs, ws, ids, logprobs, labels, student_bias=jnp.full((8,), -200.0), **options
+    )
+    plain = fused_linear_topk_distill_loss(xs, ws, ids, logprobs, labels, **options)
+    np.testing.assert_allclose(float(shifted), float(plain), rtol=1e-5)
+
+
+def test_a_16_bit_cache_is_a_type_error():
+    xs, ws, _, ids, logprobs, labels = _masked_tail_problem(0.0)
+    with pytest.raises(TypeError, match="teacher_logprobs.*float32"):
+        fused_linear_topk_distill_loss(xs, ws, ids, logprobs.astype(jnp.bfloat16), labels)
+
+
+def test_out_of_range_ids_are_nan_not_reported_as_repeats():
+    """Concrete ids [100, 200, 3] at V = 16 are out of range (NaN), not "repeated" after clipping."""
+    xs, ws, _, ids, logprobs, labels = _masked_tail_problem(0.0)
+    bad = ids.at[2, :3].set(jnp.array([100, 200, 3]))
+    assert np.isnan(float(fused_linear_topk_distill_loss(xs, ws, bad, logprobs, labels)))
+
+
+def test_the_dense_loss_still_requires_its_teacher():
+    xs, ws, _, _, _, labels = _masked_tail_problem(0.0)
+    with pytest.raises(ValueError, match="teacher_hidden.*teacher_weight.*required"):
+        jaxdistill.fused_linear_jsd_loss(xs, ws, None, None, labels)

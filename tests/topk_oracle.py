@@ -5,8 +5,7 @@ Written from the definitions of ``jaxdistill.fused_linear_topk_distill_loss`` an
 over the full vocabulary, P_i = exp(teacher_logprobs_i) and the teacher ids ``ids``:
 
 - ``tail="bucket"``: P̃ = (P_1..P_k, 1 − Σ P_i) and Q̃ = (Q_{id_1}..Q_{id_k}, Σ_{v ∉ ids} Q_v), a
-  teacher tail at or below δ_k = (k + 1)·2⁻²³ (float32 rounding) taken as δ_k where the student
-  has a tail and as 0 where it has none;
+  teacher tail at or below δ_k = (k + 1)·2⁻²³ (float32 rounding) taken as min(δ_k, Q_tail);
 - ``tail="renormalize"``: P̂ = P / Σ P and Q̂ = Q_ids / Σ Q_ids;
 
 soft = JSD_β(teacher, student) (β = 0: KL(P‖Q), β = 1: KL(Q‖P), else β·KL(P‖M) + (1−β)·KL(Q‖M)
@@ -286,12 +285,11 @@ def topk_distill_loss(
         tail_mask = ~_id_mask(ids, vocab)
         log_q_tail = jax.nn.logsumexp(jnp.where(tail_mask, log_q_all, -jnp.inf), axis=-1)
         # 1 − Σ P_i = −expm1(log Σ P_i), without cancellation. At or below δ_k = (k + 1)·2⁻²³ it is
-        # within the float32 rounding of the cached log-probs: the contract takes it as δ_k where
-        # the student has a tail (a finite tail column) and as 0 where it has none.
+        # within the float32 rounding of the cached log-probs: the contract takes it as
+        # min(δ_k, Q_tail), the student's tail capped at δ_k, without gradient.
         raw_tail = -jnp.expm1(jax.nn.logsumexp(lp, axis=-1))
-        student_has_tail = jnp.any(tail_mask & jnp.isfinite(log_q_all), axis=-1)
         delta = (k + 1) * 2.0**-23
-        p_tail = jnp.where(raw_tail > delta, raw_tail, jnp.where(student_has_tail, delta, 0.0))
+        p_tail = jnp.where(raw_tail > delta, raw_tail, jnp.minimum(delta, jax.lax.stop_gradient(jnp.exp(log_q_tail))))
         log_p_tail = jnp.where(p_tail > 0, jnp.log(jnp.where(p_tail > 0, p_tail, 1)), -jnp.inf)
         log_p = jnp.concatenate([lp, log_p_tail[:, None]], axis=-1)
         log_q = jnp.concatenate([log_q, log_q_tail[:, None]], axis=-1)
