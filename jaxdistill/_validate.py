@@ -201,13 +201,24 @@ def _narrow_labels(labels, n_rows: int, vocab_size: int, ignore_index: int) -> t
     """
     xp = np if isinstance(labels, np.ndarray | np.generic) else jnp
     info = np.iinfo(labels.dtype)
-    flat = xp.reshape(labels, (n_rows,))
     if info.min <= ignore_index <= info.max:
-        valid = flat != ignore_index
+        valid = xp.reshape(labels, (n_rows,)) != ignore_index
     else:
         valid = xp.ones((n_rows,), bool)
-    flat = xp.clip(flat, max(-1, int(info.min)), min(vocab_size, int(info.max))).astype(np.int32)
-    return jnp.asarray(flat), jnp.asarray(valid)
+    return narrow_token_ids(labels, (n_rows,), vocab_size), jnp.asarray(valid)
+
+
+def narrow_token_ids(ids, shape, vocab_size: int) -> jax.Array:
+    """``ids`` (any integer dtype) reshaped to ``shape`` and clipped to [−1, V] as int32.
+
+    The clip happens in the ids' own dtype, before any narrowing (NumPy ids in NumPy), so that no
+    id wraps: with x64 off, JAX keeps only the low 32 bits of a NumPy int64. An id outside [0, V)
+    stays outside it (−1 or V). Shared by the labels and a top-k teacher's ids.
+    """
+    xp = np if isinstance(ids, np.ndarray | np.generic) else jnp
+    info = np.iinfo(ids.dtype)
+    flat = xp.reshape(ids, shape)
+    return jnp.asarray(xp.clip(flat, max(-1, int(info.min)), min(vocab_size, int(info.max))).astype(np.int32))
 
 
 def _check_dense_teacher(teacher_hidden, teacher_weight, layout, vocab_size, student_weight, lead) -> None:

@@ -646,20 +646,57 @@ def fused_linear_jsd_loss(
         teacher_weight_layout=teacher_weight_layout,
         vocab_axis_name=vocab_axis_name,
     )
-
-    # Rows the kernel sees: a label in [0, V) for valid rows, −1 for ignored ones.
-    kernel_labels = a.row_labels()
-    _, denominator = a.count_and_denominator(reduction=reduction, axis_name=axis_name)
-    hyper = _hyper(beta, temperature, soft_weight, hard_weight, 1.0 / denominator)
-    total, soft_sum, hard_sum = _fused_sums(
+    return fused_loss(
+        a,
         plan,
-        a.student_hidden,
         student_weight,
         student_bias,
         (a.teacher_hidden,),
         (teacher_weight, teacher_bias),
-        kernel_labels,
-        hyper,
+        beta=beta,
+        temperature=temperature,
+        soft_weight=soft_weight,
+        hard_weight=hard_weight,
+        reduction=reduction,
+        axis_name=axis_name,
+        return_aux=return_aux,
+    )
+
+
+def fused_loss(
+    a,
+    plan: FusedPlan,
+    student_weight,
+    student_bias,
+    teacher_rows,
+    teacher_shared,
+    *,
+    beta,
+    temperature,
+    soft_weight,
+    hard_weight,
+    reduction,
+    axis_name,
+    return_aux,
+):
+    """The loss (and aux) of validated inputs under ``plan``: the one entry into the driver.
+
+    Shared by :func:`fused_linear_jsd_loss` and :func:`jaxdistill.fused_linear_topk_distill_loss`:
+    the reduction's divisor (psum-ed over ``axis_name``) scales the hyper-parameters, so the
+    dlogits are scaled before they are rounded; :func:`_fused_sums` runs the chunks (teacher as in
+    :func:`_scan_losses_and_grads`); ``a.reduce`` applies the NaN poisons and builds the aux.
+
+    Args:
+      a: :class:`jaxdistill._validate.FlatInputs`. plan: :class:`FusedPlan`.
+      student_weight, student_bias: as given to the loss. teacher_rows, teacher_shared: the
+        plan's teacher (:func:`_scan_losses_and_grads`).
+      beta … return_aux: the loss's arguments of those names.
+    """
+    _, denominator = a.count_and_denominator(reduction=reduction, axis_name=axis_name)
+    hyper = _hyper(beta, temperature, soft_weight, hard_weight, 1.0 / denominator)
+    # Rows the driver sees: a label in [0, V) for valid rows, −1 for ignored ones.
+    total, soft_sum, hard_sum = _fused_sums(
+        plan, a.student_hidden, student_weight, student_bias, teacher_rows, teacher_shared, a.row_labels(), hyper
     )
     return a.reduce(
         total, soft_sum, hard_sum, reduction=reduction, axis_name=axis_name, return_aux=return_aux, prescaled=True

@@ -21,7 +21,14 @@ import numpy as np
 from jax import lax
 
 from jaxdistill import fused, rowmath
-from jaxdistill._validate import _check_bias, _check_hidden, concrete_float, validate_and_flatten, weight_sizes
+from jaxdistill._validate import (
+    _check_bias,
+    _check_hidden,
+    concrete_float,
+    narrow_token_ids,
+    validate_and_flatten,
+    weight_sizes,
+)
 
 
 class TopK(NamedTuple):
@@ -167,14 +174,6 @@ def _check_teacher_cache(teacher_ids, teacher_logprobs, lead, vocab_size):
             f"`teacher_logprobs` shape {teacher_logprobs.shape} must equal `teacher_ids` shape {teacher_ids.shape}"
         )
     return _check_k(teacher_ids.shape[-1], vocab_size, "teacher_ids.shape[-1] (k)")
-
-
-def _narrow_ids(ids, n_rows: int, k: int, vocab_size: int):
-    """(N, k) int32 ids clipped to [−1, V] in their own dtype (no wrap-around when narrowed)."""
-    xp = np if isinstance(ids, np.ndarray | np.generic) else jnp
-    info = np.iinfo(ids.dtype)
-    flat = xp.reshape(ids, (n_rows, k))
-    return jnp.asarray(xp.clip(flat, max(-1, int(info.min)), min(vocab_size, int(info.max))).astype(np.int32))
 
 
 def _is_concrete(*arrays) -> bool:
@@ -335,7 +334,7 @@ def fused_linear_topk_distill_loss(
     lead = jnp.shape(student_hidden)[:-1]
     k = _check_teacher_cache(teacher_ids, teacher_logprobs, lead, vocab)
     n_rows = a.labels.shape[0]
-    ids = _narrow_ids(teacher_ids, n_rows, k, vocab)
+    ids = narrow_token_ids(teacher_ids, (n_rows, k), vocab)
     logprobs = jnp.reshape(jnp.asarray(teacher_logprobs), (n_rows, k)).astype(jnp.float32)
     if _is_concrete(ids, logprobs, a.valid):
         _check_distinct(ids, a.valid, vocab)
@@ -360,12 +359,18 @@ def fused_linear_topk_distill_loss(
         student_weight_layout=student_weight_layout,
         teacher=tail,
     )
-    _, denominator = a.count_and_denominator(reduction=reduction, axis_name=axis_name)
-    hyper = fused._hyper(beta, temperature, soft_weight, hard_weight, 1.0 / denominator)
-    total, soft_sum, hard_sum = fused._fused_sums(
-        plan, a.student_hidden, student_weight, student_bias, (ids, logprobs), (), a.row_labels(), hyper
-    )
-    a = dataclasses.replace(a, bad_teacher=bad_teacher)
-    return a.reduce(
-        total, soft_sum, hard_sum, reduction=reduction, axis_name=axis_name, return_aux=return_aux, prescaled=True
+    return fused.fused_loss(
+        dataclasses.replace(a, bad_teacher=bad_teacher),
+        plan,
+        student_weight,
+        student_bias,
+        (ids, logprobs),
+        (),
+        beta=beta,
+        temperature=temperature,
+        soft_weight=soft_weight,
+        hard_weight=hard_weight,
+        reduction=reduction,
+        axis_name=axis_name,
+        return_aux=return_aux,
     )
