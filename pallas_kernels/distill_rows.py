@@ -9,8 +9,9 @@ order), in as few passes over HBM as the divergence allows:
 * β = 1, KL(Q‖P): pass 1 stats + KL(Q‖P) online, and the same sum taken about a pivot (3 exp2);
   pass 2 writes dlogits (2 exp2: q, softmax(z_s)). 2 reads + 1 write.
 * 0 < β < 1, JSD_β: pass 1 stats and the pivot (3 exp2); pass 2 the JSD terms and the gradient's
-  row sum (:func:`mixture_columns`: 2 exp2, expm1, exp, 2 log1p, log); pass 3 writes dlogits
-  (:func:`log_m_over_q` and 2 exp2). 3 reads + 1 write.
+  row sum (:func:`mixture_columns`: 4 exp2, an expm1 and two log1p as multiply-adds); pass 3
+  writes dlogits (:func:`log_m_over_q`: 4 exp2, expm1, log1p). 3 reads + 1 write. The expm1 and
+  log1p are :mod:`pallas_kernels.fastmath`'s: libdevice's cost 8–9× an exp2 per element here.
 * ignored row (label < 0): one pass writing zeros, no reads.
 
 Consecutive passes over a row run in opposite directions (forward, backward, forward), so each
@@ -60,6 +61,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels import fastmath
 from pallas_kernels.config import RowKernelConfig, default_row_kernel_config
 
 _LOG2E = math.log2(math.e)
@@ -220,26 +222,24 @@ def jsd_series_coefficients(beta, one_minus_beta) -> tuple:
 
 
 def _log_ratios(log_ratio):
-    """(d, r, e): d = log P − log Q (0 where both are −inf), r = expm1(d), e = e^−|d| (both clamped)."""
+    """(d, r, e, e_inv): d = log P − log Q (0 where both are −inf), r = expm1(d), e = e^−|d|,
+    e_inv = e^|d| (|d| clamped to ``_EXP_CLAMP`` in the exponentials)."""
     d = jnp.where(jnp.isnan(log_ratio), 0.0, log_ratio)
-    return d, jnp.expm1(jnp.minimum(d, _EXP_CLAMP)), jnp.exp(-jnp.minimum(jnp.abs(d), _EXP_CLAMP))
-
-
-def _log1p_or(x, log_one_plus_x):
-    """log1p(x), or ``log_one_plus_x`` (log of the same 1 + x, summed directly) where x < −1/2."""
-    close = x < -0.5
-    return jnp.where(close, log_one_plus_x, jnp.log1p(jnp.where(close, 0.0, x)))
+    magnitude = jnp.minimum(jnp.abs(d), _EXP_CLAMP) * _LOG2E
+    e, e_inv = jnp.exp2(-magnitude), jnp.exp2(magnitude)
+    r = fastmath.expm1(jnp.minimum(d, _EXP_CLAMP), jnp.where(d < 0.0, e, e_inv))
+    return d, r, e, e_inv
 
 
 def log_m_over_q(log_ratio, beta, one_minus_beta):
     """log(M/Q) = log(1 + β(P/Q − 1)) per column, from log_ratio = log P − log Q (natural units).
 
-    log1p(β·expm1(d)), or log(1−β + β·e^d) where β·expm1(d) < −1/2 (d < 0 and β > 1/2: there
-    1 + β·r would cancel, e.g. to 0 when β rounds to 1). Finite wherever 1 − β > 0, also for
-    d = ±inf (one side masked), and 0 for two masked sides.
+    log1p(β·expm1(d)), with 1 + β·expm1(d) taken as 1−β + β·e^d where β·expm1(d) < −1/2 (d < 0
+    and β > 1/2: there 1 + β·r would cancel, e.g. to 0 when β rounds to 1). Finite wherever
+    1 − β > 0, also for d = ±inf (one side masked), and 0 for two masked sides.
     """
-    _, r, e = _log_ratios(log_ratio)
-    return _log1p_or(beta * r, jnp.log(one_minus_beta + beta * e))
+    _, r, e, _ = _log_ratios(log_ratio)
+    return fastmath.log1p(beta * r, one_minus_beta + beta * e)
 
 
 def mixture_columns(log_ratio, q, p, beta, one_minus_beta, coefficients):
@@ -249,7 +249,7 @@ def mixture_columns(log_ratio, q, p, beta, one_minus_beta, coefficients):
     g(r) = β(1+r)·log1p(r) − (1+βr)·log1p(βr): the series Σ (−1)^n c_n r^n for |r| ≤ 1/4
     (``coefficients`` from :func:`jsd_series_coefficients`), else −(β·P·log(M/P) +
     (1−β)·Q·log(M/Q)) with log(M/Q) from :func:`log_m_over_q` and likewise log(M/P) =
-    log1p((1−β)·(Q/P − 1)), or log(β + (1−β)·e^−d) near −1.
+    log1p((1−β)·(Q/P − 1)), with 1 + (1−β)·(Q/P − 1) taken as β + (1−β)·e^−d near 0.
 
     Args:
       log_ratio: log P − log Q (−inf − −inf, two masked sides, is a 0 term).
@@ -260,15 +260,14 @@ def mixture_columns(log_ratio, q, p, beta, one_minus_beta, coefficients):
     Returns:
       ``(jsd_terms, log_m_over_q)``, both finite for finite inputs and for masked columns.
     """
-    d, r, e = _log_ratios(log_ratio)
+    d, r, e, e_inv = _log_ratios(log_ratio)
     negative = d < 0.0
-    # 1 + x is near 0 for at most one side of a column: log(M/Q) only where d < 0 (M/Q = 1−β +
-    # β·e^d), log(M/P) only where d > 0 (M/P = β + (1−β)·e^−d). One log serves both.
-    log_direct = jnp.log(jnp.where(negative, one_minus_beta + beta * e, beta + one_minus_beta * e))
-    lmq = _log1p_or(beta * r, log_direct)
-    # Q/P − 1 = −r·Q/P: −r·e^−d for d ≥ 0, −r/e^d (|r| < 1, e ≥ e^−80) for d < 0.
-    s = jnp.where(negative, -jnp.where(negative, r, 0.0) / e, -r * e)
-    lmp = _log1p_or(one_minus_beta * s, log_direct)
+    # 1 + x is near 0 for at most one side of a column: M/Q = 1−β + β·e^d only matters where
+    # d < 0, M/P = β + (1−β)·e^−d only where d > 0. One direct sum serves both.
+    direct = jnp.where(negative, one_minus_beta + beta * e, beta + one_minus_beta * e)
+    lmq = fastmath.log1p(beta * r, direct)
+    # Q/P − 1 = e^−d − 1 = −r·e^−d (no division: e^−d is e_inv for d < 0, e otherwise).
+    lmp = fastmath.log1p(one_minus_beta * (-r * jnp.where(negative, e_inv, e)), direct)
     small = jnp.abs(r) <= _SERIES_RADIUS
     rs = jnp.where(small, r, 0.0)
     series = coefficients[-1]

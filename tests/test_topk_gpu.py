@@ -105,9 +105,10 @@ def _fused_value_and_grads(xs, ws, bs, ids, logprobs, labels, *, options):
 
 @functools.partial(jax.jit, static_argnames=("options", "compute_dtype"))
 def _unfused_value_and_grads(xs, ws, bs, ids, logprobs, labels, *, options, compute_dtype):
-    def scalar(xs, ws, bs):
-        xs, ws, bs, lp = (a.astype(compute_dtype) for a in (xs, ws, bs, logprobs))
-        return topk_distill_loss(xs, ws, ids, lp, labels, student_bias=bs, **dict(options))
+    def scalar(xs, ws, bs):  # the logits from the bf16 operands, accumulated in compute_dtype
+        return topk_distill_loss(
+            xs, ws, ids, logprobs, labels, student_bias=bs, compute_dtype=compute_dtype, **dict(options)
+        )
 
     return jax.value_and_grad(scalar, argnums=(0, 1, 2))(xs, ws, bs)
 
@@ -127,8 +128,9 @@ def fused(p: TopKProblem, **options):
 
 def unfused(p: TopKProblem, dtype, **options):
     """The definitions evaluated without fusion in ``dtype``, on the problem's own (bf16) inputs:
-    float32 is the "float32 statistics" reference, bfloat16 the naive computation a user would
-    write. Either way the gradients come back in the inputs' dtype, rounded once, as those of
+    float32 is the "float32 statistics" reference (bf16 operands, float32 accumulation, as the
+    dense loss's ``reference.fused_linear_jsd_loss``), bfloat16 the naive computation a user
+    would write. Either way the gradients come back in the inputs' dtype, rounded once, as those of
     the dense loss's reference (``reference.fused_linear_jsd_loss``) do in ``test_fused.py``."""
     return _unfused_value_and_grads(
         p.student_hidden,

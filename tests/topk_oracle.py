@@ -245,8 +245,12 @@ def topk_distill_loss(
     student_weight_layout="hv",
     return_aux=False,
     beta_kind_=None,
+    compute_dtype=None,
 ):
-    """The top-k distillation loss from its definition, unfused, in the student arrays' dtype.
+    """The top-k distillation loss from its definition, unfused, in ``compute_dtype`` (default:
+    the student arrays' dtype). The logits are ``matmul(x, w)`` accumulated in that dtype from
+    the arrays as given: bf16 arrays with ``compute_dtype=float32`` are the dense reference's
+    "float32 statistics" (``jaxdistill.reference``: bf16 operands, float32 accumulation).
 
     Same arguments as ``jaxdistill.fused_linear_topk_distill_loss`` (minus chunking and
     implementation options); ``beta`` must be concrete unless ``beta_kind_`` names its branch
@@ -256,7 +260,7 @@ def topk_distill_loss(
     """
     if tail not in TAILS:
         raise ValueError(f"tail {tail!r}")
-    dtype = jnp.result_type(student_hidden)
+    dtype = jnp.dtype(compute_dtype) if compute_dtype is not None else jnp.result_type(student_hidden)
     w = student_weight if student_weight_layout == "hv" else student_weight.T
     hidden, vocab = w.shape
     k = teacher_ids.shape[-1]
