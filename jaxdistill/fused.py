@@ -199,6 +199,7 @@ class FusedPlan:
                 dlogits_dtype=x_s.dtype,
                 config=self.kernel_config,
                 interpret=self.interpret,
+                branch=rowmath.kernel_branch(self.divergence),
             )
             return soft_rows, hard_rows, dlogits if with_dlogits else None
         chunk = self.chunk_logits(x_s, w_s, b_s, x_t, w_t, b_t, hyper)
@@ -275,9 +276,11 @@ def _first_derivatives_only(launch):
     return kernel
 
 
-def _row_kernel(z_s, z_t, labels, kernel_hyper, *, dlogits_dtype, config, interpret):
+def _row_kernel(z_s, z_t, labels, kernel_hyper, *, dlogits_dtype, config, interpret, branch):
     """:func:`pallas_kernels.distill_rows_pallas`, first derivatives only (:func:`_first_derivatives_only`)."""
-    launch = functools.partial(distill_rows_pallas, dlogits_dtype=dlogits_dtype, config=config, interpret=interpret)
+    launch = functools.partial(
+        distill_rows_pallas, dlogits_dtype=dlogits_dtype, config=config, interpret=interpret, branch=branch
+    )
     return _first_derivatives_only(launch)(z_s, z_t, labels, kernel_hyper)
 
 

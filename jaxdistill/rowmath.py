@@ -325,6 +325,12 @@ def soft_rows_and_dlogits(
     return jnp.where(valid, soft, zero_rows), jnp.where(valid, hard, zero_rows), dlogits
 
 
+def kernel_branch(divergence: str) -> int | None:
+    """The row kernel's compiled branch for a divergence: a static one's, or None (all three,
+    chosen at run time) for ``TRACED_BETA`` (:func:`pallas_kernels.distill_rows_pallas`)."""
+    return None if divergence == TRACED_BETA else _KERNEL_BRANCH[divergence]
+
+
 def kernel_hyper(hyper: Hyper, divergence: str) -> jax.Array:
     """The Pallas row kernel's (6,) hyper-parameters for one call (:func:`pallas_kernels.distill_rows.row_hyper`).
 
@@ -338,7 +344,7 @@ def kernel_hyper(hyper: Hyper, divergence: str) -> jax.Array:
         hyper.scale * hyper.soft_weight,
         hyper.scale * hyper.hard_weight,
         one_minus_beta=hyper.one_minus_beta,
-        branch=None if divergence == TRACED_BETA else _KERNEL_BRANCH[divergence],
+        branch=kernel_branch(divergence),
     )
 
 

@@ -380,19 +380,29 @@ def _divergence_row(kind, tiling, hyper, label, s_ref, t_ref, soft_ref, hard_ref
     tiling.sweep(write, (), loads=(s_ref, t_ref), eviction_policy="evict_first", reverse=kind != MIXTURE_JSD)
 
 
-def _ignored_row(tiling, soft_ref, hard_ref, g_ref):
-    """An ignored row: zero losses and zero dlogits, without reading the logits."""
-    soft_ref[...] = jnp.float32(0.0)
-    hard_ref[...] = jnp.float32(0.0)
+def _filled_row(tiling, soft_ref, hard_ref, g_ref, fill):
+    """Losses and dlogits all equal to ``fill``, without reading the logits."""
+    soft_ref[...] = jnp.float32(fill)
+    hard_ref[...] = jnp.float32(fill)
 
     def write(start, cols, mask, tiles, carry):
-        tiling.store(g_ref, start, mask, jnp.zeros((tiling.block_v,), jnp.float32))
+        tiling.store(g_ref, start, mask, jnp.full((tiling.block_v,), fill, jnp.float32))
         return carry
 
     tiling.sweep(write, ())
 
 
-def _distill_row_kernel(hyper_ref, label_ref, s_ref, t_ref, soft_ref, hard_ref, g_ref, *, tiling):
+def _ignored_row(tiling, soft_ref, hard_ref, g_ref):
+    """An ignored row: zero losses and zero dlogits."""
+    _filled_row(tiling, soft_ref, hard_ref, g_ref, 0.0)
+
+
+def _nan_row(tiling, soft_ref, hard_ref, g_ref):
+    """A row whose runtime branch is not the one compiled: NaN losses and dlogits."""
+    _filled_row(tiling, soft_ref, hard_ref, g_ref, float("nan"))
+
+
+def _distill_row_kernel(hyper_ref, label_ref, s_ref, t_ref, soft_ref, hard_ref, g_ref, *, tiling, branch):
     # The branch (and ignored rows) select among four statically specialized row programs with
     # an in-kernel switch on the loaded scalars: it is uniform per program (no divergence), keeps
     # one compiled kernel for every β (β is a runtime value), and, unlike a launcher-level
@@ -400,7 +410,7 @@ def _distill_row_kernel(hyper_ref, label_ref, s_ref, t_ref, soft_ref, hard_ref, 
     # program then pays only for its own passes and accumulators, and ignored rows (the padding
     # of a ragged last chunk) skip all reads.
     hyper = (hyper_ref[0], hyper_ref[1], 1.0 / hyper_ref[2], hyper_ref[3], hyper_ref[4])
-    branch = hyper_ref[5]
+    branch_index = hyper_ref[5]
     label = label_ref[...]
     safe_label = jnp.minimum(label, tiling.vocab_size - 1)  # never read outside the row
     refs = (s_ref, t_ref, soft_ref, hard_ref, g_ref)
@@ -408,6 +418,18 @@ def _distill_row_kernel(hyper_ref, label_ref, s_ref, t_ref, soft_ref, hard_ref, 
         functools.partial(_divergence_row, kind, tiling, hyper, safe_label, *refs)
         for kind in (FORWARD_KL, MIXTURE_JSD, REVERSE_KL)
     )
+    if branch is not None:
+        # One program compiled: the kernel's registers are that program's alone (the mixture's
+        # would otherwise set them for every β). A runtime branch that differs gives NaN rows.
+        program = (forward_kl, mixture_jsd, reverse_kl)[branch]
+        lax.cond(
+            label < 0,
+            functools.partial(_ignored_row, tiling, soft_ref, hard_ref, g_ref),
+            lambda: lax.cond(
+                branch_index == float(branch), program, functools.partial(_nan_row, tiling, soft_ref, hard_ref, g_ref)
+            ),
+        )
+        return
     # Nested boolean conds, not lax.switch: switch clamps its index, and that clamp lowers to an
     # `arith.maxsi` whose operand types XLA's Triton rejects ("requires the same type for all
     # operands and results", seen on the H200 with jax 0.11.2).
@@ -415,9 +437,9 @@ def _distill_row_kernel(hyper_ref, label_ref, s_ref, t_ref, soft_ref, hard_ref, 
         label < 0,
         functools.partial(_ignored_row, tiling, soft_ref, hard_ref, g_ref),
         lambda: lax.cond(
-            branch == float(FORWARD_KL),
+            branch_index == float(FORWARD_KL),
             forward_kl,
-            lambda: lax.cond(branch == float(REVERSE_KL), reverse_kl, mixture_jsd),
+            lambda: lax.cond(branch_index == float(REVERSE_KL), reverse_kl, mixture_jsd),
         ),
     )
 
@@ -439,7 +461,7 @@ def _check_inputs(student_logits, teacher_logits, labels, hyper):
         )
 
 
-@functools.partial(jax.jit, static_argnames=("dlogits_dtype", "config", "interpret"))
+@functools.partial(jax.jit, static_argnames=("dlogits_dtype", "config", "interpret", "branch"))
 def distill_rows_pallas(
     student_logits: jax.Array,
     teacher_logits: jax.Array,
@@ -449,6 +471,7 @@ def distill_rows_pallas(
     dlogits_dtype,
     config: RowKernelConfig | None = None,
     interpret: bool | None = None,
+    branch: int | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Per-row JSD_β and CE losses of a chunk with dlogits, as one Pallas (Triton) kernel.
 
@@ -482,12 +505,17 @@ def distill_rows_pallas(
       dlogits_dtype: dtype of the returned gradient (the activation dtype).
       config: tiling / launch config; None → :func:`default_row_kernel_config`.
       interpret: run in Pallas interpret mode; None → ``jax.default_backend() != "gpu"``.
+      branch: None compiles the three divergence programs and picks one per call from the
+        hyper-parameters' branch. ``FORWARD_KL``, ``MIXTURE_JSD`` or ``REVERSE_KL`` compiles that
+        one alone, for callers that know it at trace time (a concrete β): the kernel then needs
+        only that program's registers. A call whose hyper-parameters select another branch
+        then gets NaN in every valid row (nothing silently wrong).
 
     Returns:
       ``(soft_rows (R,) float32, hard_rows (R,) float32, dlogits (R, V) dlogits_dtype)``.
 
     Raises:
-      ValueError: wrong shapes or dtypes.
+      ValueError: wrong shapes or dtypes, or an unknown ``branch``.
 
     Example:
       >>> z_s = jax.random.normal(jax.random.key(0), (4, 1000))
@@ -499,6 +527,8 @@ def distill_rows_pallas(
       ((4,), (4,), (4, 1000), dtype(bfloat16))
     """
     _check_inputs(student_logits, teacher_logits, labels, hyper)
+    if branch not in (None, FORWARD_KL, MIXTURE_JSD, REVERSE_KL):
+        raise ValueError(f"branch must be None, FORWARD_KL, MIXTURE_JSD or REVERSE_KL, got {branch!r}")
     rows, vocab = student_logits.shape
     dlogits_dtype = jnp.dtype(dlogits_dtype)
     if config is None:
@@ -518,7 +548,7 @@ def distill_rows_pallas(
     out = functools.partial(jax.ShapeDtypeStruct, manual_axis_type=jax.sharding.ManualAxisType(varying=varying))
     row_scalar = pl.BlockSpec((None,), lambda i: (i,))
     row = pl.BlockSpec((None, vocab), lambda i: (i, 0))
-    kernel = functools.partial(_distill_row_kernel, tiling=_Tiling(vocab, config.block_v))
+    kernel = functools.partial(_distill_row_kernel, tiling=_Tiling(vocab, config.block_v), branch=branch)
     soft_rows, hard_rows, dlogits = pl.pallas_call(
         kernel,
         grid=(rows,),

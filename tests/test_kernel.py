@@ -25,6 +25,7 @@ from jax.sharding import AbstractDevice, AbstractMesh, AxisType, use_abstract_me
 
 from jaxdistill import rowmath
 from pallas_kernels import RowKernelConfig, default_row_kernel_config, distill_rows_pallas
+from pallas_kernels import distill_rows as row_kernel
 from pallas_kernels.distill_rows import _Tiling
 
 EPS32 = float(np.finfo(np.float32).eps)
@@ -354,3 +355,41 @@ def test_zero_rows():
         empty, empty, jnp.zeros((0,), jnp.int32), hyper_array(0.5, 1.0), dlogits_dtype=jnp.bfloat16
     )
     assert soft.shape == hard.shape == (0,) and dlogits.shape == (0, 10) and dlogits.dtype == jnp.bfloat16
+
+
+# --- one compiled branch (a β known at trace time) -------------------------------------------
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0], ids=lambda b: f"beta={b}")
+def test_one_compiled_branch_equals_the_runtime_choice(beta):
+    """``branch=`` compiles one divergence program; its result is bit-identical to the kernel
+    that holds all three and picks one from the hyper-parameters."""
+    student, teacher, labels = make_rows(ROWS, 300)
+    hyper = row_kernel.row_hyper(beta, 1.3, 0.8, 0.3)
+    branch = int(hyper[5])
+    assert branch == {0.0: row_kernel.FORWARD_KL, 0.5: row_kernel.MIXTURE_JSD, 1.0: row_kernel.REVERSE_KL}[beta]
+    every = distill_rows_pallas(student, teacher, labels, hyper, dlogits_dtype=jnp.float32)
+    one = distill_rows_pallas(student, teacher, labels, hyper, dlogits_dtype=jnp.float32, branch=branch)
+    for got, want in zip(one, every, strict=True):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_one_compiled_branch_gives_nan_rows_for_another_branch():
+    """Hyper-parameters that select a branch other than the compiled one: NaN in every valid row
+    (losses and dlogits), zeros in ignored rows; never another divergence's numbers."""
+    student, teacher, labels = make_rows(ROWS, 300)
+    hyper = row_kernel.row_hyper(0.5, 1.3, 0.8, 0.3)  # the mixture
+    soft, hard, dlogits = distill_rows_pallas(
+        student, teacher, labels, hyper, dlogits_dtype=jnp.float32, branch=row_kernel.FORWARD_KL
+    )
+    valid = np.asarray(labels) >= 0
+    assert not valid.all() and valid.any()
+    for rows in (np.asarray(soft), np.asarray(hard), np.asarray(dlogits)):
+        assert np.isnan(rows[valid]).all()
+        assert (rows[~valid] == 0).all()
+
+
+def test_unknown_branch_is_a_clear_error():
+    student, teacher, labels = make_rows(ROWS, 300)
+    with pytest.raises(ValueError, match="branch must be None, FORWARD_KL, MIXTURE_JSD or REVERSE_KL"):
+        distill_rows_pallas(student, teacher, labels, hyper_array(0.5, 1.0), dlogits_dtype=jnp.float32, branch=3)
