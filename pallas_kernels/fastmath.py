@@ -4,8 +4,8 @@ Why: inside a Pallas-Triton kernel ``jnp.log``, ``log1p``, ``expm1`` and ``exp``
 libdevice calls that cost far more than ``exp2``, which maps onto the GPU's exponential unit.
 Measured on the H200 (jax 0.11.2), 8 chained applications per element of a (1024, 131072)
 float32 array in one Pallas kernel: multiply-add 0.46 ms, ``exp2`` 0.61 ms, ``exp`` 1.92 ms,
-division 1.92 ms, ``expm1`` 4.29 ms, ``log1p`` 4.90 ms, ``log`` 4.94 ms (``.probe``-style timing
-in ``bench/results/2026-12-02-h200-fastmath``). The mixture divergence needs an expm1 and two
+division 1.92 ms, ``expm1`` 4.29 ms, ``log1p`` 4.90 ms, ``log`` 4.94 ms
+(``bench/results/2026-12-02-h200-fastmath/NOTES.md``). The mixture divergence needs an expm1 and two
 log1p per vocabulary column; with these forms the kernel pays multiply-adds instead.
 
 Accuracy (float32, against float64; ``tests/test_fastmath.py``):
