@@ -1,17 +1,33 @@
-"""Launch configuration of the row kernel: one validated, frozen config and its one default."""
+"""Launch configuration of the row kernel (one validated, frozen config and its one default), and
+the output types every ``pallas_call`` here shares."""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import warnings
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
+# JAX 0.11 warns at every lowering of a Pallas kernel through Triton; this is that warning only.
+_TRITON_DEPRECATION = r"The Pallas Triton backend is deprecated"
 MAX_BLOCK_V = 1 << 16  # beyond this a tile no longer fits in registers at any num_warps (spills)
 MAX_NUM_WARPS = 32  # 1024 threads, the CUDA limit per block
 
 
-def _is_power_of_two(n: int) -> bool:
+def ignore_triton_deprecation() -> None:
+    """Silence exactly the Triton-backend DeprecationWarning (category and message).
+
+    Installed on every launch rather than once at import: the warning fires when the enclosing
+    jit lowers, and test runners reset the filter list around each test. ``filterwarnings``
+    replaces an identical entry, so repeating it does not grow the list.
+    """
+    warnings.filterwarnings("ignore", message=_TRITON_DEPRECATION, category=DeprecationWarning)
+
+
+def is_power_of_two(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 
 
@@ -47,9 +63,9 @@ class RowKernelConfig:
         _check_int("block_v", self.block_v)
         _check_int("num_warps", self.num_warps)
         _check_int("num_stages", self.num_stages)
-        if not (_is_power_of_two(self.block_v) and self.block_v <= MAX_BLOCK_V):
+        if not (is_power_of_two(self.block_v) and self.block_v <= MAX_BLOCK_V):
             raise ValueError(f"RowKernelConfig.block_v must be a power of 2 in [1, {MAX_BLOCK_V}], got {self.block_v}")
-        if not (_is_power_of_two(self.num_warps) and self.num_warps <= MAX_NUM_WARPS):
+        if not (is_power_of_two(self.num_warps) and self.num_warps <= MAX_NUM_WARPS):
             raise ValueError(
                 f"RowKernelConfig.num_warps must be a power of 2 in [1, {MAX_NUM_WARPS}], got {self.num_warps}"
             )
@@ -102,3 +118,11 @@ def default_row_kernel_config(vocab_size: int, dtype, device_kind: str | None = 
     block_v = min(4096, 1 << (int(vocab_size) - 1).bit_length())
     num_warps = min(8, max(1, block_v // 512))
     return RowKernelConfig(block_v=block_v, num_warps=num_warps, num_stages=1)
+
+
+def out_shape_varying_like(*inputs):
+    """``jax.ShapeDtypeStruct`` factory for ``pallas_call`` outputs that vary over the mesh axes
+    any of ``inputs`` varies over (``None`` entries skipped): inside ``shard_map(check_vma=True)``
+    an input's shard differs per device, so what a kernel computes from it does too."""
+    varying = frozenset().union(*(jax.typeof(x).manual_axis_type.varying for x in inputs if x is not None))
+    return functools.partial(jax.ShapeDtypeStruct, manual_axis_type=jax.sharding.ManualAxisType(varying=varying))

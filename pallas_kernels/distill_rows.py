@@ -53,7 +53,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import warnings
 
 import jax
 import jax.numpy as jnp
@@ -62,7 +61,12 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels import fastmath
-from pallas_kernels.config import RowKernelConfig, default_row_kernel_config
+from pallas_kernels.config import (
+    RowKernelConfig,
+    default_row_kernel_config,
+    ignore_triton_deprecation,
+    out_shape_varying_like,
+)
 
 _LOG2E = math.log2(math.e)
 _LN2 = math.log(2.0)
@@ -83,19 +87,6 @@ _EXP_CLAMP = 80.0
 # truncation is < 4e-8 relative; the closed form beyond it loses < 2e-6 to rounding).
 _SERIES_RADIUS = 0.25
 _SERIES_ORDER = 12
-
-# JAX 0.11 warns at every lowering of a Pallas kernel through Triton; this is that warning only.
-_TRITON_DEPRECATION = r"The Pallas Triton backend is deprecated"
-
-
-def _ignore_triton_deprecation() -> None:
-    """Silence exactly the Triton-backend DeprecationWarning (category and message).
-
-    Installed on every launch rather than once at import: the warning fires when the enclosing
-    jit lowers, and test runners reset the filter list around each test. ``filterwarnings``
-    replaces an identical entry, so repeating it does not grow the list.
-    """
-    warnings.filterwarnings("ignore", message=_TRITON_DEPRECATION, category=DeprecationWarning)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -538,14 +529,10 @@ def distill_rows_pallas(
     if rows == 0:
         empty = jnp.zeros((0,), jnp.float32)
         return empty, empty, jnp.zeros((0, vocab), dlogits_dtype)
-    _ignore_triton_deprecation()
+    ignore_triton_deprecation()
     hyper = full_row_hyper(hyper).astype(jnp.float32)
     labels = labels.astype(jnp.int32)
-    # Under shard_map(check_vma=True) each output varies like the inputs it is computed from.
-    varying = frozenset().union(
-        *(jax.typeof(x).manual_axis_type.varying for x in (hyper, labels, student_logits, teacher_logits))
-    )
-    out = functools.partial(jax.ShapeDtypeStruct, manual_axis_type=jax.sharding.ManualAxisType(varying=varying))
+    out = out_shape_varying_like(hyper, labels, student_logits, teacher_logits)
     row_scalar = pl.BlockSpec((None,), lambda i: (i,))
     row = pl.BlockSpec((None, vocab), lambda i: (i, 0))
     kernel = functools.partial(_distill_row_kernel, tiling=_Tiling(vocab, config.block_v), branch=branch)

@@ -33,7 +33,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import warnings
 from typing import NamedTuple
 
 import jax
@@ -43,22 +42,10 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels.config import ignore_triton_deprecation, is_power_of_two, out_shape_varying_like
+
 _LOG2E = math.log2(math.e)
-_TRITON_DEPRECATION = r"The Pallas Triton backend is deprecated"
 MIN_DOT_DIM = 16  # Triton's tl.dot needs every block dimension >= 16
-
-
-def ignore_triton_deprecation() -> None:
-    """Silence exactly the Triton-backend DeprecationWarning (category and message).
-
-    Installed on every launch rather than once at import: the warning fires when the enclosing
-    jit lowers, and test runners reset the filter list around each test.
-    """
-    warnings.filterwarnings("ignore", message=_TRITON_DEPRECATION, category=DeprecationWarning)
-
-
-def _is_power_of_two(n: int) -> bool:
-    return n > 0 and n & (n - 1) == 0
 
 
 def _next_power_of_two(n: int) -> int:
@@ -91,9 +78,9 @@ class LogitsKernelConfig:
                 raise ValueError(f"LogitsKernelConfig.{name} must be an int, got {value!r}")
         for name in ("block_rows", "block_v", "block_k"):
             value = getattr(self, name)
-            if not (_is_power_of_two(value) and value >= MIN_DOT_DIM):
+            if not (is_power_of_two(value) and value >= MIN_DOT_DIM):
                 raise ValueError(f"LogitsKernelConfig.{name} must be a power of 2 >= {MIN_DOT_DIM}, got {value}")
-        if not (_is_power_of_two(self.num_warps) and self.num_warps <= 32):
+        if not (is_power_of_two(self.num_warps) and self.num_warps <= 32):
             raise ValueError(f"LogitsKernelConfig.num_warps must be a power of 2 in [1, 32], got {self.num_warps}")
         if self.num_stages < 1:
             raise ValueError(f"LogitsKernelConfig.num_stages must be >= 1, got {self.num_stages}")
@@ -296,12 +283,7 @@ def _launch_head(x, w, b, teacher_d, temperature, *, layout, logits_dtype, confi
 
     n_stats = 2 if teacher_d is None else 5
     inv_t = (1.0 / jnp.asarray(temperature, jnp.float32)).reshape(1)
-    # Inside shard_map(check_vma=True) the outputs vary over the mesh axes any operand varies
-    # over (an operand's shard differs per device, so the tile it produces does too).
-    varying = frozenset().union(
-        *(jax.typeof(op).manual_axis_type.varying for op in (inv_t, *operands) if op is not None)
-    )
-    out = functools.partial(jax.ShapeDtypeStruct, manual_axis_type=jax.sharding.ManualAxisType(varying=varying))
+    out = out_shape_varying_like(inv_t, *operands)
     return pl.pallas_call(
         kernel_with_optional,
         grid=(n_row_blocks * n_tiles,),

@@ -23,8 +23,13 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.config import RowKernelConfig, default_row_kernel_config
-from pallas_kernels.distill_rows import _LOG2E, _MAX_FLOOR, _ignore_triton_deprecation, _masked, _Tiling
+from pallas_kernels.config import (
+    RowKernelConfig,
+    default_row_kernel_config,
+    ignore_triton_deprecation,
+    out_shape_varying_like,
+)
+from pallas_kernels.distill_rows import _LOG2E, _MAX_FLOOR, _masked, _Tiling
 
 N_COEFFICIENTS = 6  # max_tail, log_sum_tail, soft, max_s, log_sum_u, hard
 
@@ -79,14 +84,8 @@ def _launch_setup(z_tail, config, dtype, interpret):
         raise TypeError(f"config must be a RowKernelConfig, got {type(config).__name__}")
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
-    _ignore_triton_deprecation()
+    ignore_triton_deprecation()
     return config, interpret
-
-
-def _out_struct(*inputs):
-    """ShapeDtypeStruct factory whose outputs vary like ``inputs`` (shard_map with check_vma)."""
-    varying = frozenset().union(*(jax.typeof(x).manual_axis_type.varying for x in inputs))
-    return functools.partial(jax.ShapeDtypeStruct, manual_axis_type=jax.sharding.ManualAxisType(varying=varying))
 
 
 _ROW_SCALAR = pl.BlockSpec((None,), lambda i: (i,))
@@ -112,7 +111,7 @@ def tail_statistics_pallas(z_tail, inv_t, *, config: RowKernelConfig | None = No
         empty = jnp.zeros((0,), jnp.float32)
         return empty, empty, empty
     inv_t = jnp.reshape(jnp.asarray(inv_t, jnp.float32), (1,))
-    out = _out_struct(z_tail, inv_t)
+    out = out_shape_varying_like(z_tail, inv_t)
     return pl.pallas_call(
         functools.partial(_tail_statistics_kernel, tiling=_Tiling(vocab, config.block_v)),
         grid=(rows,),
@@ -163,7 +162,7 @@ def tail_dlogits_pallas(
     inv_t = jnp.reshape(jnp.asarray(inv_t, jnp.float32), (1,))
     labels = labels.astype(jnp.int32)
     coefficients = [jnp.asarray(x, jnp.float32) for x in coefficients]
-    out = _out_struct(z_tail, inv_t, labels, *coefficients)
+    out = out_shape_varying_like(z_tail, inv_t, labels, *coefficients)
     row = pl.BlockSpec((None, vocab), lambda i: (i, 0))
     z_operand = 2 + N_COEFFICIENTS
     return pl.pallas_call(
