@@ -82,11 +82,16 @@ def _check(out, inputs, temperature, *, rtol):
         np.testing.assert_allclose(got, want, rtol=rtol * 10, atol=atol, err_msg=name)
 
 
-LAYOUTS = [("hv", "hv"), ("vh", "hv"), ("hv", "vh"), ("vh", "vh")]
+# Every pair of layouts; each layout of each head both with and without biases.
+LAYOUTS_AND_BIAS = {
+    "hv-hv-bias": (("hv", "hv"), True),
+    "vh-hv-no-bias": (("vh", "hv"), False),
+    "hv-vh-no-bias": (("hv", "vh"), False),
+    "vh-vh-bias": (("vh", "vh"), True),
+}
 
 
-@pytest.mark.parametrize("layouts", LAYOUTS, ids=lambda lay: "-".join(lay))
-@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+@pytest.mark.parametrize("layouts, bias", LAYOUTS_AND_BIAS.values(), ids=LAYOUTS_AND_BIAS.keys())
 def test_layouts_and_bias(layouts, bias):
     # 37 rows (ragged row block), V = 200 (ragged vocabulary tile), Hs = 40 ≠ Ht = 24 (ragged K).
     inputs = _inputs(37, 40, 24, 200, bias=bias, seed=1)
