@@ -409,30 +409,28 @@ def _distill_row_kernel(hyper_ref, label_ref, s_ref, t_ref, soft_ref, hard_ref, 
         functools.partial(_divergence_row, kind, tiling, hyper, safe_label, *refs)
         for kind in (FORWARD_KL, MIXTURE_JSD, REVERSE_KL)
     )
+    ignored = functools.partial(_ignored_row, tiling, soft_ref, hard_ref, g_ref)
     if branch is not None:
         # One program compiled: the kernel's registers are that program's alone (the mixture's
         # would otherwise set them for every β). A runtime branch that differs gives NaN rows.
         program = (forward_kl, mixture_jsd, reverse_kl)[branch]
-        lax.cond(
-            label < 0,
-            functools.partial(_ignored_row, tiling, soft_ref, hard_ref, g_ref),
-            lambda: lax.cond(
-                branch_index == float(branch), program, functools.partial(_nan_row, tiling, soft_ref, hard_ref, g_ref)
-            ),
-        )
-        return
-    # Nested boolean conds, not lax.switch: switch clamps its index, and that clamp lowers to an
-    # `arith.maxsi` whose operand types XLA's Triton rejects ("requires the same type for all
-    # operands and results", seen on the H200 with jax 0.11.2).
-    lax.cond(
-        label < 0,
-        functools.partial(_ignored_row, tiling, soft_ref, hard_ref, g_ref),
-        lambda: lax.cond(
-            branch_index == float(FORWARD_KL),
-            forward_kl,
-            lambda: lax.cond(branch_index == float(REVERSE_KL), reverse_kl, mixture_jsd),
-        ),
-    )
+        nan_row = functools.partial(_nan_row, tiling, soft_ref, hard_ref, g_ref)
+
+        def divergence():
+            lax.cond(branch_index == float(branch), program, nan_row)
+
+    else:
+        # Nested boolean conds, not lax.switch: switch clamps its index, and that clamp lowers to
+        # an `arith.maxsi` whose operand types XLA's Triton rejects ("requires the same type for
+        # all operands and results", seen on the H200 with jax 0.11.2).
+        def divergence():
+            lax.cond(
+                branch_index == float(FORWARD_KL),
+                forward_kl,
+                lambda: lax.cond(branch_index == float(REVERSE_KL), reverse_kl, mixture_jsd),
+            )
+
+    lax.cond(label < 0, ignored, divergence)
 
 
 def _check_inputs(student_logits, teacher_logits, labels, hyper):
